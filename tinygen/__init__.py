@@ -1,0 +1,1 @@
+"""tinygen: a compact Llama inference engine with FastGen adaptive KV-cache compression."""

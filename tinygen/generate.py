@@ -1,0 +1,100 @@
+"""Prefill, one decode step, and the generation loop that yields tokens as they are chosen."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .cache import FullCache, KVCache
+from .errors import TinygenError
+from .model import Llama
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    decode_steps: int = 0
+    stop_reason: str = ""  # "eos", "length", "context" or "interrupted"
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first generated token comes out of prefill; decode steps produce the rest.
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
+
+
+def full_caches(model: Llama, max_len: int) -> list[FullCache]:
+    """One preallocated full cache per layer, on the model's device and dtype."""
+    cfg, w = model.cfg, model.embed.weight
+    return [FullCache(cfg.n_kv_heads, cfg.head_dim, max_len, w.device, w.dtype) for _ in range(cfg.n_layers)]
+
+
+@torch.inference_mode()
+def prefill(model: Llama, prompt_ids: list[int], caches: list[KVCache]) -> torch.Tensor:
+    """Run the whole prompt through the model, filling the caches; returns the last position's logits (vocab,)."""
+    tokens = torch.tensor(prompt_ids, dtype=torch.long, device=model.embed.weight.device)
+    return model(tokens, caches, start_pos=0, last_only=True)[0]
+
+
+@torch.inference_mode()
+def decode_step(model: Llama, token: torch.Tensor, caches: list[KVCache], pos: int) -> torch.Tensor:
+    """One token (a (1,) tensor) at position `pos` -> logits (vocab,) for the next one."""
+    return model(token, caches, start_pos=pos)[0]
+
+
+def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(), eos_ids=frozenset(), ignore_eos: bool = False,
+             stats: GenerationStats | None = None,
+             on_tokens: Callable[[list[int]], None] | None = None) -> Iterator[int]:
+    """Yield generated token ids. `stats` (if given) is filled in as generation goes, stop reason included.
+
+    `on_tokens(ids)` is called with each batch of ids just before the model sees them (caches that need to know
+    token kinds, like FastGen's, hook in here).
+    """
+    stats = stats if stats is not None else GenerationStats()
+    limit = model.cfg.max_seq_len
+    if not prompt_ids:
+        raise TinygenError("the prompt is empty")
+    if len(prompt_ids) >= limit:
+        raise TinygenError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    device = model.embed.weight.device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(sampling.seed)
+    stats.prompt_tokens = len(prompt_ids)
+    stats.stop_reason = "length"
+
+    t0 = time.perf_counter()
+    if on_tokens:
+        on_tokens(prompt_ids)
+    logits = prefill(model, prompt_ids, caches)
+    token = sample(logits, sampling, generator)
+    token_id = int(token.item())  # the one host sync per step: reading the sampled token
+    stats.prefill_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pos = len(prompt_ids)
+    while True:
+        if token_id in eos_ids and not ignore_eos:
+            stats.stop_reason = "eos"
+            return
+        stats.generated_tokens += 1
+        yield token_id
+        if stats.generated_tokens >= max_new_tokens:
+            return
+        if pos >= limit:
+            stats.stop_reason = "context"
+            return
+        if on_tokens:
+            on_tokens([token_id])
+        logits = decode_step(model, token, caches, pos)
+        token = sample(logits, sampling, generator)
+        token_id = int(token.item())
+        pos += 1
+        stats.decode_steps += 1
+        stats.decode_seconds = time.perf_counter() - t0

@@ -1,0 +1,118 @@
+"""Load an HF-layout Llama checkpoint directory (config.json + safetensors, one file or shards) into `Llama`.
+
+The model is built on the meta device, given empty storage of the chosen dtype on the chosen device, and each
+parameter is filled from the memory-mapped safetensors one tensor at a time: there is never a second full copy.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .errors import TinygenError
+from .model import Llama
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TinygenError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise TinygenError(f"unknown device {name!r} (use cpu or cuda)")
+    return torch.device(name)
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    if not model_dir.is_dir():
+        raise TinygenError(f"model directory not found: {model_dir}")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise TinygenError(f"incomplete model directory {model_dir}: no config.json")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TinygenError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise TinygenError(f"{path} is not a JSON object")
+    return ModelConfig.from_hf(raw)
+
+
+def checkpoint_sources(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Our parameter -> the HF tensors (name, shape) whose rows are stacked into it (q|k|v and gate|up are fused)."""
+    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    m = {"embed.weight": [("model.embed_tokens.weight", (cfg.vocab_size, d))], "norm.weight": [("model.norm.weight", (d,))]}
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = [("lm_head.weight", (cfg.vocab_size, d))]
+    for i in range(cfg.n_layers):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        m[ours + "attn_norm.weight"] = [(hf + "input_layernorm.weight", (d,))]
+        m[ours + "attn.wqkv.weight"] = [(hf + "self_attn.q_proj.weight", (q, d)), (hf + "self_attn.k_proj.weight", (kv, d)),
+                                        (hf + "self_attn.v_proj.weight", (kv, d))]
+        m[ours + "attn.wo.weight"] = [(hf + "self_attn.o_proj.weight", (d, q))]
+        m[ours + "ffn_norm.weight"] = [(hf + "post_attention_layernorm.weight", (d,))]
+        m[ours + "ffn.w13.weight"] = [(hf + "mlp.gate_proj.weight", (f, d)), (hf + "mlp.up_proj.weight", (f, d))]
+        m[ours + "ffn.w2.weight"] = [(hf + "mlp.down_proj.weight", (d, f))]
+    return m
+
+
+def shard_map(model_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise TinygenError(f"cannot read {index}: {e}") from None
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise TinygenError(f"incomplete model directory {model_dir}: no model.safetensors or model.safetensors.index.json")
+    with _open(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise TinygenError(f"missing weight file {path}")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
+        raise TinygenError(f"corrupt or truncated safetensors file {path.name}: {e}") from None
+
+
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> Llama:
+    """Load a Llama checkpoint directory onto `device` in `dtype` ("float32", "bfloat16" or "float16")."""
+    model_dir = Path(model_dir)
+    if dtype not in DTYPES:
+        raise TinygenError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    dev = resolve_device(device)
+    cfg = read_config(model_dir)
+    where = shard_map(model_dir)
+    with torch.device("meta"):
+        model = Llama(cfg).to(DTYPES[dtype])
+    model.to_empty(device=dev)
+    params = dict(model.named_parameters())
+    handles = {}
+    with torch.no_grad():
+        for name, sources in checkpoint_sources(cfg).items():
+            param, row = params[name], 0
+            for src, shape in sources:
+                if src not in where:
+                    raise TinygenError(f"checkpoint is missing tensor {src}")
+                path = where[src]
+                if path not in handles:
+                    handles[path] = _open(path)
+                try:
+                    t = handles[path].get_tensor(src)
+                except Exception as e:
+                    raise TinygenError(f"cannot read tensor {src} from {path.name}: {e}") from None
+                if tuple(t.shape) != shape:
+                    raise TinygenError(f"tensor {src} has shape {tuple(t.shape)}, expected {shape}")
+                param[row : row + shape[0]].copy_(t)
+                row += shape[0]
+    model.init_rope()
+    return model.eval()

@@ -1,0 +1,140 @@
+"""The command line: bad input gets one line on stderr and a non-zero exit; Ctrl-C stops cleanly."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DEFAULT_MODEL, ROOT, save_tiny_model
+from safetensors.torch import load_file, save_file
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def assert_error(result, code, *fragments):
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory, default_model_dir):
+    """A tiny random model with the default tokenizer (vocabulary-sized embedding), fast to load."""
+    path = tmp_path_factory.mktemp("tinychat")
+    save_tiny_model(path, vocab_size=49152, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+def broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    edit(dst)
+    return dst
+
+
+def test_generates_and_writes_stats_json(chat_model, tmp_path):
+    out = tmp_path / "stats.json"
+    r = cli("--model", chat_model, "--prompt", "hi", "--max-new-tokens", 5, "--ignore-eos", "--stats-json", out)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["generated_tokens"] == 5 and stats["prompt_tokens"] > 5
+    # 3 layers x 2 KV heads x 16 dims x (K and V) x 4 bytes per token
+    assert stats["kv_bytes_full"] == (stats["prompt_tokens"] + 5) * 3 * 2 * 16 * 2 * 4
+    assert stats["kv_bytes"] >= stats["kv_bytes_full"]
+    assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_missing_and_incomplete_model_dir(chat_model, tmp_path):
+    assert_error(cli("--model", tmp_path / "nope", "--prompt", "hi"), 1, "model directory not found")
+    d = broken_copy(chat_model, tmp_path / "noweights", lambda d: (d / "model.safetensors").unlink())
+    assert_error(cli("--model", d, "--prompt", "hi"), 1, "no model.safetensors")
+    d = broken_copy(chat_model, tmp_path / "noconfig", lambda d: (d / "config.json").unlink())
+    assert_error(cli("--model", d, "--prompt", "hi"), 1, "no config.json")
+    d = broken_copy(chat_model, tmp_path / "notok", lambda d: (d / "tokenizer.json").unlink())
+    assert_error(cli("--model", d, "--prompt", "hi"), 1, "no tokenizer.json or tokenizer.model")
+
+
+def test_unsupported_architecture(chat_model, tmp_path):
+    def gpt2(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+        (d / "config.json").write_text(json.dumps(cfg))
+    assert_error(cli("--model", broken_copy(chat_model, tmp_path / "m", gpt2), "--prompt", "hi"), 1,
+                 "unsupported architecture", "GPT2LMHeadModel")
+
+
+def test_truncated_and_corrupt_safetensors(chat_model, tmp_path):
+    def truncate(d):
+        f = d / "model.safetensors"
+        os.truncate(f, f.stat().st_size // 2)
+    assert_error(cli("--model", broken_copy(chat_model, tmp_path / "t", truncate), "--prompt", "hi"), 1,
+                 "corrupt or truncated")
+    garbage = lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    assert_error(cli("--model", broken_copy(chat_model, tmp_path / "g", garbage), "--prompt", "hi"), 1,
+                 "corrupt or truncated")
+
+
+def test_missing_and_misshapen_tensors(chat_model, tmp_path):
+    def edit(drop=None, reshape=None):
+        def go(d):
+            tensors = load_file(d / "model.safetensors")
+            if drop:
+                del tensors[drop]
+            if reshape:
+                tensors[reshape] = tensors[reshape][:-1]
+            save_file(tensors, d / "model.safetensors")
+        return go
+    name = "model.layers.1.self_attn.k_proj.weight"
+    d = broken_copy(chat_model, tmp_path / "drop", edit(drop=name))
+    assert_error(cli("--model", d, "--prompt", "hi"), 1, "missing tensor", name)
+    d = broken_copy(chat_model, tmp_path / "shape", edit(reshape=name))
+    assert_error(cli("--model", d, "--prompt", "hi"), 1, name, "shape (31, 64)", "expected (32, 64)")
+
+
+def test_prompt_longer_than_context(chat_model):
+    assert_error(cli("--model", chat_model, "--no-chat", "--prompt", "word " * 80), 1, "context is 64")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--top-k", "-2"], "--top-k"), (["--ctx", "1"], "--ctx"),
+    (["--policy", "bogus"], "unknown --policy"), (["--dtype", "int3"], "--dtype"), (["--max-new-tokens", "x"], "invalid"),
+])
+def test_out_of_range_flags(flags, message):
+    assert_error(cli("--prompt", "hi", *flags), 2, message)
+
+
+def test_prompt_file_errors(chat_model, tmp_path):
+    assert_error(cli("--model", chat_model, "--prompt-file", tmp_path / "absent.txt"), 1, "cannot read")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9".encode("latin-1"))
+    assert_error(cli("--model", chat_model, "--prompt-file", bad), 1, "not UTF-8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(chat_model):
+    assert_error(cli("--model", chat_model, "--prompt", "hi", "--device", "cuda"), 1, "no CUDA GPU")
+
+
+def test_ctrl_c_keeps_text_prints_stats_exits_130(default_model_dir):
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--prompt", "Write a long story about a cat.",
+                          "--max-new-tokens", "2000", "--ignore-eos"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = p.stdout.read(20)  # wait until generation is streaming
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert len(first + rest) > 20 and "Traceback" not in err
+    assert "stop: interrupted" in err and "generated" in err

@@ -1,0 +1,74 @@
+"""The tiny random-config Llama against HF transformers on the same files, and cache consistency."""
+import pytest
+import torch
+from conftest import DEVICES, save_tiny_model
+
+from tinygen.attention import dense_attention
+from tinygen.generate import full_caches
+from tinygen.loader import load_model
+
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+VARIANTS = {
+    "gqa-untied": {},
+    "gqa-tied": dict(tie_word_embeddings=True),
+    "mha": dict(num_key_value_heads=4),
+    "llama3-rope": dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_hf(tmp_path, variant):
+    hf = save_tiny_model(tmp_path, **VARIANTS[variant])
+    model = load_model(tmp_path)
+    tokens = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(1))  # past the 32-token rope boundary
+    with torch.no_grad():
+        expected = hf(tokens[None]).logits[0]
+        got = model(tokens, full_caches(model, 150), start_pos=0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_sharded_checkpoint_loads_like_single_file(tmp_path):
+    hf = save_tiny_model(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    a, b = load_model(tmp_path / "one"), load_model(tmp_path / "sharded")
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_then_decode_equals_one_forward(tiny_model_dir, device):
+    model = load_model(tiny_model_dir, device=device)
+    tokens = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        whole = model(tokens, full_caches(model, 40), start_pos=0)
+        caches = full_caches(model, 40)
+        parts = [model(tokens[:10], caches, start_pos=0)]  # prefill
+        parts.append(model(tokens[10:25], caches, start_pos=10))  # a second chunk after earlier tokens
+        parts += [model(tokens[i : i + 1], caches, start_pos=i) for i in range(25, 40)]  # decode steps
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_close_to_float32(tiny_model_dir, device):
+    tokens = torch.randint(0, 97, (30,), generator=torch.Generator().manual_seed(3)).to(device)
+    ref = load_model(tiny_model_dir, device=device)
+    with torch.no_grad():
+        expected = ref(tokens, full_caches(ref, 30), 0)
+        for dtype in ("bfloat16", "float16"):
+            model = load_model(tiny_model_dir, device=device, dtype=dtype)
+            assert model.embed.weight.dtype == getattr(torch, dtype)
+            got = model(tokens, full_caches(model, 30), 0)
+            assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+def test_dense_reference_attention_equals_fast_path():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(h, 12, 16, generator=g) for h in (4, 2, 2))
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    out, probs = dense_attention(q, k, v, causal)
+    fast = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, fast, atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(4, 12))
+    assert probs[:, 0, 1:].abs().max() == 0  # row 0 sees only itself

@@ -1,0 +1,95 @@
+"""FastGen policies: which parts of the context a KV head keeps, their budgets, and the knobs (FastGenConfig).
+
+A policy is a set of components. `special` and `punct` keep every token of that kind (protected: never evicted);
+`local` keeps the last ceil(r_l * L) tokens; `frequent` keeps the ceil(r_f * L) tokens with the largest cumulative
+attention among those no other component keeps; `full` keeps everything. L is the current length.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import TinygenError
+
+SPECIAL, PUNCT, FREQUENT, LOCAL, FULL = 1, 2, 4, 8, 16
+COMPONENTS = {"special": SPECIAL, "punct": PUNCT, "frequent": FREQUENT, "local": LOCAL, "full": FULL}
+# The paper's candidates, cheapest first; profiling picks the first whose recovery reaches the threshold.
+CANDIDATES = (SPECIAL, SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PUNCT | FREQUENT | LOCAL, FULL)
+# One letter per policy for the policy map.
+LETTERS = {SPECIAL: "S", SPECIAL | PUNCT: "P", SPECIAL | PUNCT | FREQUENT: "F", SPECIAL | PUNCT | FREQUENT | LOCAL: "L",
+           FULL: "A", LOCAL: "l", FREQUENT: "f", LOCAL | FREQUENT: "h"}
+
+
+def policy_name(policy: int) -> str:
+    return "+".join(name for name, bit in COMPONENTS.items() if policy & bit)
+
+
+def policy_letter(policy: int) -> str:
+    return LETTERS.get(policy, "?")
+
+
+def parse_policy(name: str) -> int | None:
+    """'auto' -> None (profile each head); 'local+frequent' -> LOCAL | FREQUENT; unknown names are an error."""
+    if name == "auto":
+        return None
+    policy = 0
+    for part in name.split("+"):
+        if part not in COMPONENTS:
+            raise TinygenError(f"unknown policy {name!r}: use auto, full, or components joined by '+' "
+                               f"({', '.join(c for c in COMPONENTS if c != 'full')})")
+        policy |= COMPONENTS[part]
+    if policy & FULL and policy != FULL:
+        raise TinygenError(f"policy {name!r}: 'full' cannot be combined with other components")
+    return policy
+
+
+@dataclass(frozen=True)
+class FastGenConfig:
+    policy: str = "auto"  # "auto" or a fixed policy for every head
+    threshold: float = 0.98  # T: the attention a policy must recover
+    local_ratio: float = 0.3  # r_l
+    frequent_ratio: float = 0.3  # r_f
+    growth_block: int = 64  # rows a store grows by when full
+
+    def __post_init__(self):
+        if not 0 < self.threshold <= 1:
+            raise TinygenError(f"--threshold must be in (0, 1], got {self.threshold}")
+        for name in ("local_ratio", "frequent_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise TinygenError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.growth_block < 1:
+            raise TinygenError("growth_block must be positive")
+        parse_policy(self.policy)
+
+    @property
+    def fixed_policy(self) -> int | None:
+        return parse_policy(self.policy)
+
+
+def window(policy: int, length: int, cfg: FastGenConfig) -> int:
+    """Local window in tokens at this length (0 without `local`)."""
+    return min(length, math.ceil(cfg.local_ratio * length)) if policy & LOCAL else 0
+
+
+def frequent_budget(policy: int, length: int, cfg: FastGenConfig) -> int:
+    """Heavy-hitter budget in tokens at this length (0 without `frequent`)."""
+    return min(length, math.ceil(cfg.frequent_ratio * length)) if policy & FREQUENT else 0
+
+
+def protected_kinds(policy: int) -> int:
+    """Token-kind bits this policy never evicts (kinds use the same SPECIAL and PUNCT bits)."""
+    return policy & (SPECIAL | PUNCT)
+
+
+def kept_count(policy: int, length: int, protected_before, cfg: FastGenConfig) -> int:
+    """The most tokens a head with this policy keeps at `length` (at prefill, exactly what it keeps; during decode
+    a store keeps min(this, kept before + 1), since evicted tokens never return). Depends only on the length and
+    the token kinds, so every head of one policy keeps the same number. `protected_before(n)` counts protected
+    tokens among the first n."""
+    if policy & FULL:
+        return length
+    w = window(policy, length, cfg)
+    outside = length - w  # tokens older than the window
+    prot = protected_before(outside)
+    pool = outside - prot  # unprotected tokens outside the window: what `frequent` chooses from
+    return w + prot + min(frequent_budget(policy, length, cfg), pool)

@@ -1,0 +1,125 @@
+"""The compressed K/V store of the KV heads of one layer that share one policy.
+
+Heads of one policy keep the same number of tokens at every step (budgets depend only on the length and the token
+kinds), so their rows live in one (heads, capacity, head_dim) tensor and attend in one batched call. Rows are packed:
+row r of head h holds the token at position `pos[h, r]`; `bitmap[h]` marks (one bit per position) which tokens head
+h holds. Rows [0, kept) are resident; row `kept` (or, after an eviction, each head's freed row) takes the next token,
+so evictions reuse slots and nothing is compacted. Which token leaves differs per head and is found on the device;
+how many leave is known on the host, so a decode step needs no device sync.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kinds import TokenKinds
+from .policy import FREQUENT, FULL, FastGenConfig, kept_count, protected_kinds, window
+
+
+class PolicyStore:
+    def __init__(self, policy: int, kv_heads: list[int], groups: int, k: torch.Tensor, v: torch.Tensor,
+                 positions: torch.Tensor, scores: torch.Tensor | None, max_len: int, kinds: TokenKinds,
+                 cfg: FastGenConfig):
+        """k, v: (heads, kept, head_dim) resident rows; positions: (heads, kept) their token positions, ascending;
+        scores: (heads, kept) float32 cumulative attention (policies with `frequent`)."""
+        heads, kept, head_dim = k.shape
+        device = k.device
+        self.policy, self.kinds, self.cfg = policy, kinds, cfg
+        self.protect = protected_kinds(policy)
+        self.kv_index = torch.tensor(kv_heads, device=device)
+        self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
+        self.groups, self.kept, self.hole = groups, kept, False
+        cap = kept + cfg.growth_block
+        self.k = k.new_empty(heads, cap, head_dim)
+        self.v = v.new_empty(heads, cap, head_dim)
+        self.pos = torch.full((heads, cap), -1, dtype=torch.int32, device=device)
+        self.k[:, :kept], self.v[:, :kept], self.pos[:, :kept] = k, v, positions
+        self.score = None
+        if policy & FREQUENT:
+            self.score = torch.zeros(heads, cap, dtype=torch.float32, device=device)
+            self.score[:, :kept] = scores
+        self.bitmap = torch.zeros(heads, (max_len + 7) // 8, dtype=torch.uint8, device=device)
+        self._set_bits(positions.long())
+        self.free = torch.zeros(heads, dtype=torch.long, device=device)  # each head's freed row, when self.hole
+
+    def _set_bits(self, positions: torch.Tensor):
+        """positions: (heads, n) -> set those bits, per head (packing a bool mask: several may share a byte)."""
+        heads = positions.shape[0]
+        mask = torch.zeros(heads, self.bitmap.shape[1] * 8, dtype=torch.uint8, device=positions.device)
+        mask.scatter_(1, positions, 1)
+        weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=positions.device)
+        self.bitmap |= (mask.view(heads, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+    def _grow(self, rows: int):
+        cap = rows + self.cfg.growth_block - 1  # never more than one growth block beyond what is kept
+        def bigger(t, fill=0):
+            new = torch.full((t.shape[0], cap) + tuple(t.shape[2:]), fill, dtype=t.dtype, device=t.device)
+            new[:, : t.shape[1]] = t
+            return new
+        self.k, self.v, self.pos = bigger(self.k), bigger(self.v), bigger(self.pos, -1)
+        if self.score is not None:
+            self.score = bigger(self.score)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, out: torch.Tensor):
+        """One step: store the new token (position length-1), attend, evict at most one token per head.
+        q: (n_heads, 1, head_dim), k/v: (n_kv_heads, 1, head_dim); writes this store's heads of out."""
+        rows = self.kept + 1  # resident tokens plus the new one
+        if rows > self.k.shape[1]:
+            self._grow(rows)
+        heads, _, head_dim = self.k.shape
+        new_pos = length - 1
+        kn, vn = k[self.kv_index], v[self.kv_index]  # (heads, 1, head_dim)
+        if self.hole:  # each head writes into the row its last eviction freed
+            idx = self.free[:, None, None].expand(heads, 1, head_dim)
+            self.k.scatter_(1, idx, kn)
+            self.v.scatter_(1, idx, vn)
+            self.pos.scatter_(1, self.free[:, None], new_pos)
+            if self.score is not None:
+                self.score.scatter_(1, self.free[:, None], 0.0)
+        else:
+            r = self.kept
+            self.k[:, r : r + 1], self.v[:, r : r + 1] = kn, vn
+            self.pos[:, r] = new_pos
+            if self.score is not None:
+                self.score[:, r] = 0.0
+        self.bitmap[:, new_pos // 8] |= 1 << (new_pos % 8)
+
+        # Attention over this store's rows, all heads of the policy in one batched call.
+        qs = q[self.q_index].view(heads, self.groups, head_dim)
+        scores = (qs * head_dim**-0.5) @ self.k[:, :rows].transpose(1, 2)  # (heads, groups, rows)
+        probs = torch.softmax(scores.float(), dim=-1)
+        o = probs.to(self.v.dtype) @ self.v[:, :rows]  # (heads, groups, head_dim)
+        out.index_copy_(0, self.q_index, o.view(heads * self.groups, 1, head_dim))
+        if self.score is not None:
+            self.score[:, :rows] += probs.mean(dim=1)  # cumulative attention, averaged over the query group
+
+        # Budgets grow with the length, but an evicted token never comes back: keep at most what is resident.
+        target = min(rows, kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n),
+                                      self.cfg))
+        evict = rows - target
+        assert evict in (0, 1), f"policy {self.policy}: {evict} evictions in one step"
+        if evict:
+            self._evict(rows, length)
+        else:
+            self.hole = False
+        self.kept = target
+
+    def _evict(self, rows: int, length: int):
+        """Free one row per head: the unprotected token outside the local window with the lowest cumulative score
+        (or, without `frequent`, the oldest such token)."""
+        pos = self.pos[:, :rows].long()
+        kind = self.kinds.by_position[pos]
+        evictable = ((kind & self.protect) == 0) & (pos < length - window(self.policy, length, self.cfg))
+        key = self.score[:, :rows] if self.score is not None else pos.float()
+        victim = key.masked_fill(~evictable, float("inf")).argmin(dim=1)  # (heads,)
+        gone = pos.gather(1, victim[:, None])
+        byte, bit = gone // 8, (gone % 8).to(torch.uint8)
+        self.bitmap.scatter_(1, byte, self.bitmap.gather(1, byte) & ~(torch.ones_like(bit) << bit))
+        self.free, self.hole = victim, True
+
+    def resident_mask(self, length: int) -> torch.Tensor:
+        """(heads, length) bool from the bitmaps (for tests and the dense reference)."""
+        bits = (self.bitmap[:, :, None] >> torch.arange(8, device=self.bitmap.device, dtype=torch.uint8)) & 1
+        return bits.flatten(1)[:, :length].bool()
+
+    def tensors(self):
+        return [t for t in (self.k, self.v, self.pos, self.score, self.bitmap, self.free) if t is not None]

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL := weights/SmolLM2-135M-Instruct
 PROMPT ?= What is the capital of France?
-POLICY ?= full
+POLICY ?= auto
 
 .PHONY: run test weights bench clean setup
 

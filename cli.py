@@ -13,7 +13,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
-POLICIES = ("full",)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -32,7 +31,11 @@ def parse_args(argv):
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout Llama checkpoint directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--policy", default="full", help="KV-cache policy: " + ", ".join(POLICIES))
+    p.add_argument("--policy", default="auto", help="KV-cache policy: auto (FastGen profiling, default), full, or "
+                   "components joined by '+' for every head: special, punct, local, frequent (e.g. local+frequent)")
+    p.add_argument("--threshold", type=float, default=0.98, help="FastGen recovery threshold T in (0, 1]")
+    p.add_argument("--local-ratio", type=float, default=0.3, help="local window as a share of the length, in [0, 1]")
+    p.add_argument("--frequent-ratio", type=float, default=0.3, help="heavy-hitter budget share, in [0, 1]")
     p.add_argument("--system", help="system prompt for the chat template")
     p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -50,10 +53,20 @@ def parse_args(argv):
               (a.top_k >= 0, "--top-k must be >= 0"),
               (0 < a.top_p <= 1, "--top-p must be in (0, 1]"),
               (a.ctx >= 2, "--ctx must be at least 2"),
-              (a.policy in POLICIES, f"unknown --policy {a.policy!r} (choose from {', '.join(POLICIES)})")]
+              (0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
+              (0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
+              (0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]")]
     for ok, message in checks:
         if not ok:
             p.error(message)
+    sys.path.insert(0, str(ROOT))
+    from tinygen.errors import TinygenError
+    from tinygen.fastgen.policy import parse_policy
+
+    try:
+        parse_policy(a.policy)
+    except TinygenError as e:
+        p.error(str(e))
     return a
 
 
@@ -79,13 +92,17 @@ def write_json_atomic(path: str, data: dict):
 def run(a) -> int:
     import torch
 
+    from tinygen.errors import TinygenError
     from tinygen.cache import full_kv_bytes
-    from tinygen.generate import GenerationStats, full_caches, generate
+    from tinygen.fastgen.cache import kept_fraction, make_caches, policy_map
+    from tinygen.fastgen.policy import FastGenConfig, policy_name
+    from tinygen.generate import GenerationStats, generate
     from tinygen.loader import load_model
     from tinygen.perplexity import perplexity
     from tinygen.sampling import SamplingParams
     from tinygen.tokenizer import StreamDecoder, Tokenizer
 
+    fastgen = FastGenConfig(a.policy, a.threshold, a.local_ratio, a.frequent_ratio)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = load_model(a.model, device=device, dtype=a.dtype)
     cfg = model.cfg
@@ -93,7 +110,10 @@ def run(a) -> int:
 
     if a.perplexity:
         ids = tok.encode(read_text(a.perplexity))
-        ppl, n = perplexity(model, ids, a.ctx, lambda n: full_caches(model, n))
+        # A compressed cache only differs from the full one once it decodes: prefill half of each window, then
+        # score the other half token by token while the cache evicts.
+        split = None if a.policy == "full" else 0.5
+        ppl, n = perplexity(model, ids, a.ctx, lambda n: make_caches(model, tok, fastgen, n), split)
         print(f"perplexity={ppl:.4f} tokens={n}")
         return 0
 
@@ -103,14 +123,17 @@ def run(a) -> int:
     else:
         messages = ([{"role": "system", "content": a.system}] if a.system is not None else [])
         ids = tok.encode(tok.render_chat(messages + [{"role": "user", "content": text}]))
+    if len(ids) >= cfg.max_seq_len:
+        raise TinygenError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}")
     max_len = min(cfg.max_seq_len, len(ids) + a.max_new_tokens)
-    caches = full_caches(model, max_len)
+    caches, on_tokens = make_caches(model, tok, fastgen, max_len)
     stats = GenerationStats()
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     stream = StreamDecoder(tok)
     code = 0
     try:
-        for token_id in generate(model, ids, caches, a.max_new_tokens, sampling, tok.eos_ids, a.ignore_eos, stats):
+        for token_id in generate(model, ids, caches, a.max_new_tokens, sampling, tok.eos_ids, a.ignore_eos, stats,
+                                 on_tokens):
             sys.stdout.write(stream.push(token_id))
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -118,7 +141,7 @@ def run(a) -> int:
     sys.stdout.write(stream.flush() + "\n")
     sys.stdout.flush()
 
-    length = stats.prompt_tokens + stats.generated_tokens
+    length = caches[0].length  # tokens the cache has seen (the last generated token is never fed back)
     report = {
         "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.generated_tokens,
@@ -126,16 +149,25 @@ def run(a) -> int:
         "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
         "kv_bytes": sum(c.nbytes() for c in caches),
         "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, model.embed.weight.dtype),
-        "stop_reason": stats.stop_reason,
+        "kept_fraction": 1.0,
+        "profile_seconds": 0.0,
         "policy": a.policy,
+        "stop_reason": stats.stop_reason,
         "device": device,
         "dtype": a.dtype,
     }
+    if on_tokens is not None:
+        report["kept_fraction"] = round(kept_fraction(caches), 6)
+        report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)
+        report["policies"] = [[policy_name(p) for p in c.policies] for c in caches]
+        if a.policy == "auto":
+            print(policy_map(caches), file=sys.stderr)
     if stats.stop_reason == "context":
         print(f"[stopped: reached the model's context limit of {cfg.max_seq_len} tokens]", file=sys.stderr)
     print(f"[prompt {report['prompt_tokens']} tok | generated {report['generated_tokens']} tok | "
-          f"prefill {stats.prefill_seconds:.3f} s | decode {report['decode_tokens_per_second']:.1f} tok/s | "
-          f"KV cache {report['kv_bytes'] / 2**20:.2f} MiB (full: {report['kv_bytes_full'] / 2**20:.2f} MiB) | "
+          f"prefill {stats.prefill_seconds:.3f} s (profiling {report['profile_seconds']:.3f} s) | "
+          f"decode {report['decode_tokens_per_second']:.1f} tok/s | kept {report['kept_fraction']:.1%} of tokens | "
+          f"KV cache {report['kv_bytes'] / 2**20:.2f} MiB vs full {report['kv_bytes_full'] / 2**20:.2f} MiB | "
           f"stop: {stats.stop_reason}]", file=sys.stderr)
     if a.stats_json:
         write_json_atomic(a.stats_json, report)

@@ -45,14 +45,28 @@ def broken_copy(src, dst, edit):
 
 def test_generates_and_writes_stats_json(chat_model, tmp_path):
     out = tmp_path / "stats.json"
-    r = cli("--model", chat_model, "--prompt", "hi", "--max-new-tokens", 5, "--ignore-eos", "--stats-json", out)
+    r = cli("--model", chat_model, "--prompt", "hi", "--max-new-tokens", 5, "--ignore-eos", "--stats-json", out,
+            "--policy", "full")
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
     assert stats["generated_tokens"] == 5 and stats["prompt_tokens"] > 5
-    # 3 layers x 2 KV heads x 16 dims x (K and V) x 4 bytes per token
-    assert stats["kv_bytes_full"] == (stats["prompt_tokens"] + 5) * 3 * 2 * 16 * 2 * 4
+    # tokens the cache saw (the last generated one is never fed back) x 3 layers x 2 KV heads x 16 dims x K,V x 4 B
+    assert stats["kv_bytes_full"] == (stats["prompt_tokens"] + 4) * 3 * 2 * 16 * 2 * 4
     assert stats["kv_bytes"] >= stats["kv_bytes_full"]
     assert "decode" in r.stderr and "tok/s" in r.stderr
+
+
+def test_auto_policy_reports_policy_map_and_kept_fraction(chat_model, tmp_path):
+    out = tmp_path / "stats.json"
+    r = cli("--model", chat_model, "--prompt", "tell me a story", "--max-new-tokens", 8, "--ignore-eos",
+            "--stats-json", out)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["policy"] == "auto" and len(stats["policies"]) == 3 and all(len(l) == 2 for l in stats["policies"])
+    known = {"special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full"}
+    assert {p for layer in stats["policies"] for p in layer} <= known
+    assert 0 < stats["kept_fraction"] <= 1 and stats["profile_seconds"] > 0
+    assert "policy map" in r.stderr and "kept" in r.stderr
 
 
 def test_missing_and_incomplete_model_dir(chat_model, tmp_path):
@@ -109,7 +123,9 @@ def test_prompt_longer_than_context(chat_model):
 @pytest.mark.parametrize("flags,message", [
     (["--top-p", "0"], "--top-p"), (["--top-p", "1.5"], "--top-p"), (["--temperature", "-1"], "--temperature"),
     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--top-k", "-2"], "--top-k"), (["--ctx", "1"], "--ctx"),
-    (["--policy", "bogus"], "unknown --policy"), (["--dtype", "int3"], "--dtype"), (["--max-new-tokens", "x"], "invalid"),
+    (["--policy", "bogus"], "unknown policy"), (["--policy", "full+local"], "cannot be combined"),
+    (["--threshold", "0"], "--threshold"), (["--threshold", "1.5"], "--threshold"),
+    (["--local-ratio", "-0.1"], "--local-ratio"), (["--frequent-ratio", "1.1"], "--frequent-ratio"), (["--dtype", "int3"], "--dtype"), (["--max-new-tokens", "x"], "invalid"),
 ])
 def test_out_of_range_flags(flags, message):
     assert_error(cli("--prompt", "hi", *flags), 2, message)

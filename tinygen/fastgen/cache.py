@@ -98,3 +98,34 @@ def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -
     """One FastGen cache per layer of `model`, sharing the sequence's token kinds."""
     c = model.cfg
     return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg) for _ in range(c.n_layers)]
+
+
+def policy_map(caches: list[FastGenCache]) -> str:
+    """Layers by KV heads, one letter per head, with a legend of the letters used."""
+    from .policy import policy_letter, policy_name
+
+    cells = [f"{i:2d} " + "".join(policy_letter(p) for p in c.policies) for i, c in enumerate(caches)]
+    per_line = max(1, 72 // (len(cells[0]) + 2))
+    lines = ["  ".join(cells[i : i + per_line]) for i in range(0, len(cells), per_line)]
+    used = sorted({p for c in caches for p in c.policies})
+    legend = ", ".join(f"{policy_letter(p)}={policy_name(p)}" for p in used)
+    return "policy map (layer: one letter per KV head)\n" + "\n".join(lines) + "\n" + legend
+
+
+def kept_fraction(caches: list[FastGenCache]) -> float:
+    """Tokens held over tokens a full cache would hold, across layers and KV heads."""
+    held = sum(c.kept_tokens() for c in caches)
+    return held / sum(c.length * c.n_kv_heads for c in caches)
+
+
+def make_caches(model, tokenizer, cfg: FastGenConfig, max_len: int):
+    """Per-layer caches for `cfg.policy` and the hook that feeds them token ids (None for the full cache).
+
+    `full` uses the engine's plain full cache; anything else uses FastGen stores."""
+    from ..generate import full_caches
+    from .kinds import vocab_kinds
+
+    if cfg.policy == "full":
+        return full_caches(model, max_len), None
+    kinds = TokenKinds(vocab_kinds(tokenizer), max_len, model.embed.weight.device)
+    return fastgen_caches(model, kinds, cfg, max_len), kinds.append

@@ -49,7 +49,7 @@ class FastGenConfig:
     threshold: float = 0.98  # T: the attention a policy must recover
     local_ratio: float = 0.3  # r_l
     frequent_ratio: float = 0.3  # r_f
-    growth_block: int = 64  # rows a store grows by when full
+    growth_block: int = 16  # fewest rows a store grows by when full (see PolicyStore.block_rows)
 
     def __post_init__(self):
         if not 0 < self.threshold <= 1:

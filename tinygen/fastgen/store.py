@@ -28,7 +28,8 @@ class PolicyStore:
         self.kv_index = torch.tensor(kv_heads, device=device)
         self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
         self.groups, self.kept, self.hole = groups, kept, False
-        cap = kept + cfg.growth_block
+        self.max_len = max_len
+        cap = min(max_len, kept + self.block_rows(kept))
         self.k = k.new_empty(heads, cap, head_dim)
         self.v = v.new_empty(heads, cap, head_dim)
         self.pos = torch.full((heads, cap), -1, dtype=torch.int32, device=device)
@@ -49,8 +50,13 @@ class PolicyStore:
         weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=positions.device)
         self.bitmap |= (mask.view(heads, -1, 8) * weights).sum(-1, dtype=torch.uint8)
 
+    def block_rows(self, kept: int) -> int:
+        """Rows a store grows by: at least cfg.growth_block, and 1/16 of what it holds, so that growing (the only
+        whole-store copy) happens at most once per that many steps."""
+        return max(self.cfg.growth_block, kept // 16)
+
     def _grow(self, rows: int):
-        cap = rows + self.cfg.growth_block - 1  # never more than one growth block beyond what is kept
+        cap = min(self.max_len, rows - 1 + self.block_rows(rows - 1))  # one block beyond what is kept
         def bigger(t, fill=0):
             new = torch.full((t.shape[0], cap) + tuple(t.shape[2:]), fill, dtype=t.dtype, device=t.device)
             new[:, : t.shape[1]] = t

@@ -1,0 +1,79 @@
+"""FastGen on the real default model: the all-full store is the full cache; auto really holds fewer bytes."""
+import pytest
+import torch
+from conftest import EVAL
+
+from tinygen.cache import full_kv_bytes
+from tinygen.fastgen.cache import fastgen_caches, kept_fraction
+from tinygen.fastgen.kinds import TokenKinds, vocab_kinds
+from tinygen.fastgen.policy import FREQUENT, FastGenConfig
+from tinygen.generate import decode_step, full_caches, generate, prefill
+from tinygen.loader import load_model
+from tinygen.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    model = load_model(default_model_dir)
+    return model, Tokenizer(default_model_dir, model.cfg.eos_token_ids)
+
+
+def book_prompt(tok, n):
+    text = (EVAL / "pride_and_prejudice.txt").read_text(encoding="utf-8")
+    start = text.index("It is a truth universally acknowledged")
+    return tok.encode(text[start : start + 8 * n])[:n]
+
+
+def run_steps(model, ids, caches, on_tokens, steps):
+    """Greedy prefill + decode, returning every step's logits."""
+    if on_tokens:
+        on_tokens(ids)
+    logits = [prefill(model, ids, caches)]
+    for i in range(steps):
+        token = logits[-1].argmax(-1, keepdim=True)
+        if on_tokens:
+            on_tokens([int(token)])
+        logits.append(decode_step(model, token, caches, len(ids) + i))
+    return torch.stack(logits)
+
+
+def test_all_full_store_is_the_full_cache(engine):
+    model, tok = engine
+    ids = book_prompt(tok, 120)
+    kinds = TokenKinds(vocab_kinds(tok), 160, torch.device("cpu"))
+    store = run_steps(model, ids, fastgen_caches(model, kinds, FastGenConfig(policy="full"), 160), kinds.append, 30)
+    full = run_steps(model, ids, full_caches(model, 160), None, 30)
+    # prefill: block-wise attention vs the fused kernel differ by float rounding; decode steps run the same ops
+    torch.testing.assert_close(store, full, atol=1e-4, rtol=0)
+    assert torch.equal(store.argmax(-1), full.argmax(-1))
+
+
+def test_auto_holds_fewer_physical_bytes_in_line_with_kept_fraction(engine):
+    model, tok = engine
+    ids = book_prompt(tok, 600)
+    max_len = len(ids) + 40
+    kinds = TokenKinds(vocab_kinds(tok), max_len, torch.device("cpu"))
+    caches = fastgen_caches(model, kinds, FastGenConfig(policy="auto"), max_len)
+    out = list(generate(model, ids, caches, 40, ignore_eos=True, on_tokens=kinds.append))
+    assert len(out) == 40
+    length = caches[0].length
+    full = full_kv_bytes(model.cfg.n_layers, model.cfg.n_kv_heads, model.cfg.head_dim, length, torch.float32)
+    kept = kept_fraction(caches)
+    held = sum(c.nbytes() for c in caches)
+    # exact bytes of what is kept (K, V rows, their positions, fp32 scores) plus the fixed-size bitmaps
+    row_k_v, kept_bytes, slack = 2 * model.cfg.head_dim * 4, 0, 0
+    for c in caches:
+        for s in c.stores:
+            heads = s.kv_index.numel()
+            per_row = row_k_v + 4 + (4 if s.policy & FREQUENT else 0)
+            fixed = s.bitmap.nbytes + s.free.nbytes
+            kept_bytes += heads * s.kept * per_row + fixed
+            slack += heads * s.block_rows(s.kept) * per_row
+            assert s.k.shape[1] - s.kept <= s.block_rows(s.kept)
+    assert kept < 0.9, "auto should compress real prose"
+    assert kept_bytes <= held <= kept_bytes + slack
+    assert held < full
+    # the K/V bytes alone follow the kept fraction (positions and scores add 4-8 bytes per 512-byte row)
+    kv_only = sum(s.k.untyped_storage().nbytes() + s.v.untyped_storage().nbytes() for c in caches for s in c.stores)
+    assert kv_only <= kept * full + slack * row_k_v / (row_k_v + 4)
+    assert held <= full * (kept + 0.1)

@@ -36,9 +36,11 @@ class FastGenCache:
         assert T == 1, "FastGenCache takes the prompt in one prefill, then one token per step"
         self.length += 1
         assert self.length <= self.max_len, f"cache full: {self.length} > {self.max_len}"
+        if len(self.stores) == 1:
+            return self.stores[0].decode(q, k, v, self.length)
         out = torch.empty_like(q)
         for store in self.stores:
-            store.decode(q, k, v, self.length, out)
+            out.index_copy_(0, store.q_index, store.decode(q, k, v, self.length))
         return out
 
     def _prefill(self, q, k, v):
@@ -65,7 +67,7 @@ class FastGenCache:
             idx = positions[:, :, None].expand(-1, -1, self.head_dim)
             hk, hv = k[heads].gather(1, idx), v[heads].gather(1, idx)
             scores = stats.colsum[heads].gather(1, positions) if policy & FREQUENT else None
-            self.stores.append(PolicyStore(policy, heads, groups, hk, hv, positions, scores, self.max_len,
+            self.stores.append(PolicyStore(policy, heads, self.n_kv_heads, groups, hk, hv, positions, scores, self.max_len,
                                            self.kinds, self.cfg))
         if q.is_cuda:
             torch.cuda.synchronize()

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from .kinds import TokenKinds
-from .policy import FREQUENT, FULL, FastGenConfig, kept_count, protected_kinds, window
+from .policy import FREQUENT, LOCAL, FastGenConfig, kept_count, protected_kinds, window
 
 
 class PolicyStore:
-    def __init__(self, policy: int, kv_heads: list[int], groups: int, k: torch.Tensor, v: torch.Tensor,
+    def __init__(self, policy: int, kv_heads: list[int], n_kv_heads: int, groups: int, k: torch.Tensor, v: torch.Tensor,
                  positions: torch.Tensor, scores: torch.Tensor | None, max_len: int, kinds: TokenKinds,
                  cfg: FastGenConfig):
         """k, v: (heads, kept, head_dim) resident rows; positions: (heads, kept) their token positions, ascending;
@@ -26,6 +26,7 @@ class PolicyStore:
         self.policy, self.kinds, self.cfg = policy, kinds, cfg
         self.protect = protected_kinds(policy)
         self.kv_index = torch.tensor(kv_heads, device=device)
+        self.all_heads = kv_heads == list(range(n_kv_heads))  # then no gather of q, k, v and no scatter of out
         self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
         self.groups, self.kept, self.hole = groups, kept, False
         self.max_len = max_len
@@ -34,6 +35,8 @@ class PolicyStore:
         self.v = v.new_empty(heads, cap, head_dim)
         self.pos = torch.full((heads, cap), -1, dtype=torch.int32, device=device)
         self.k[:, :kept], self.v[:, :kept], self.pos[:, :kept] = k, v, positions
+        self.prot = torch.zeros(heads, cap, dtype=torch.bool, device=device)  # rows holding protected tokens
+        self.prot[:, :kept] = (kinds.by_position[positions.long()] & self.protect) != 0
         self.score = None
         if policy & FREQUENT:
             self.score = torch.zeros(heads, cap, dtype=torch.float32, device=device)
@@ -61,63 +64,68 @@ class PolicyStore:
             new = torch.full((t.shape[0], cap) + tuple(t.shape[2:]), fill, dtype=t.dtype, device=t.device)
             new[:, : t.shape[1]] = t
             return new
-        self.k, self.v, self.pos = bigger(self.k), bigger(self.v), bigger(self.pos, -1)
+        self.k, self.v, self.pos, self.prot = bigger(self.k), bigger(self.v), bigger(self.pos, -1), bigger(self.prot)
         if self.score is not None:
             self.score = bigger(self.score)
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int, out: torch.Tensor):
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
         """One step: store the new token (position length-1), attend, evict at most one token per head.
-        q: (n_heads, 1, head_dim), k/v: (n_kv_heads, 1, head_dim); writes this store's heads of out."""
+        q: (n_heads, 1, head_dim), k/v: (n_kv_heads, 1, head_dim) -> (heads * groups, 1, head_dim) for q_index."""
         rows = self.kept + 1  # resident tokens plus the new one
         if rows > self.k.shape[1]:
             self._grow(rows)
         heads, _, head_dim = self.k.shape
         new_pos = length - 1
-        kn, vn = k[self.kv_index], v[self.kv_index]  # (heads, 1, head_dim)
+        protected = bool(self.kinds.kinds[new_pos] & self.protect)  # host-side: no sync
+        if not self.all_heads:
+            q, k, v = q[self.q_index], k[self.kv_index], v[self.kv_index]
         if self.hole:  # each head writes into the row its last eviction freed
-            idx = self.free[:, None, None].expand(heads, 1, head_dim)
-            self.k.scatter_(1, idx, kn)
-            self.v.scatter_(1, idx, vn)
+            self.k.scatter_(1, self.free[:, None, None].expand(heads, 1, head_dim), k)
+            self.v.scatter_(1, self.free[:, None, None].expand(heads, 1, head_dim), v)
             self.pos.scatter_(1, self.free[:, None], new_pos)
+            self.prot.scatter_(1, self.free[:, None], protected)
             if self.score is not None:
                 self.score.scatter_(1, self.free[:, None], 0.0)
         else:
             r = self.kept
-            self.k[:, r : r + 1], self.v[:, r : r + 1] = kn, vn
-            self.pos[:, r] = new_pos
+            self.k[:, r : r + 1], self.v[:, r : r + 1] = k, v
+            self.pos[:, r], self.prot[:, r] = new_pos, protected
             if self.score is not None:
                 self.score[:, r] = 0.0
-        self.bitmap[:, new_pos // 8] |= 1 << (new_pos % 8)
 
         # Attention over this store's rows, all heads of the policy in one batched call.
-        qs = q[self.q_index].view(heads, self.groups, head_dim)
+        qs = q.view(heads, self.groups, head_dim)
         scores = (qs * head_dim**-0.5) @ self.k[:, :rows].transpose(1, 2)  # (heads, groups, rows)
         probs = torch.softmax(scores.float(), dim=-1)
-        o = probs.to(self.v.dtype) @ self.v[:, :rows]  # (heads, groups, head_dim)
-        out.index_copy_(0, self.q_index, o.view(heads * self.groups, 1, head_dim))
+        out = (probs.to(self.v.dtype) @ self.v[:, :rows]).view(heads * self.groups, 1, head_dim)
         if self.score is not None:
             self.score[:, :rows] += probs.mean(dim=1)  # cumulative attention, averaged over the query group
 
         # Budgets grow with the length, but an evicted token never comes back: keep at most what is resident.
         target = min(rows, kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n),
                                       self.cfg))
-        evict = rows - target
-        assert evict in (0, 1), f"policy {self.policy}: {evict} evictions in one step"
-        if evict:
-            self._evict(rows, length)
-        else:
+        assert rows - target in (0, 1), f"policy {self.policy}: {rows - target} evictions in one step"
+        if rows == target:
+            self.bitmap[:, new_pos // 8] |= 1 << (new_pos % 8)
             self.hole = False
+        elif not self.policy & (FREQUENT | LOCAL):
+            pass  # special/punct only: the new token was the one not kept; its row is reused next step
+        else:
+            self.bitmap[:, new_pos // 8] |= 1 << (new_pos % 8)
+            self._evict(rows, length)
         self.kept = target
+        return out
 
     def _evict(self, rows: int, length: int):
         """Free one row per head: the unprotected token outside the local window with the lowest cumulative score
         (or, without `frequent`, the oldest such token)."""
-        pos = self.pos[:, :rows].long()
-        kind = self.kinds.by_position[pos]
-        evictable = ((kind & self.protect) == 0) & (pos < length - window(self.policy, length, self.cfg))
+        pos = self.pos[:, :rows]
+        keep = self.prot[:, :rows]
+        if self.policy & LOCAL:
+            keep = keep | (pos >= length - window(self.policy, length, self.cfg))
         key = self.score[:, :rows] if self.score is not None else pos.float()
-        victim = key.masked_fill(~evictable, float("inf")).argmin(dim=1)  # (heads,)
-        gone = pos.gather(1, victim[:, None])
+        victim = key.masked_fill(keep, float("inf")).argmin(dim=1)  # (heads,)
+        gone = pos.gather(1, victim[:, None]).long()
         byte, bit = gone // 8, (gone % 8).to(torch.uint8)
         self.bitmap.scatter_(1, byte, self.bitmap.gather(1, byte) & ~(torch.ones_like(bit) << bit))
         self.free, self.hole = victim, True
@@ -128,4 +136,4 @@ class PolicyStore:
         return bits.flatten(1)[:, :length].bool()
 
     def tensors(self):
-        return [t for t in (self.k, self.v, self.pos, self.score, self.bitmap, self.free) if t is not None]
+        return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]

@@ -1,0 +1,173 @@
+"""python -m tinygen.eval: fidelity and memory of a compressed KV cache against the full cache, the sweep against
+fixed policies at equal memory, long-context perplexity, and policy-map figures.
+
+    python -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --limit 12 --max-new-tokens 64 --sweep
+    python -m tinygen.eval --long-context ../shared/eval/frankenstein.txt --ctx 4096 --windows 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv):
+    p = OneLineParser(prog="python -m tinygen.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompts", metavar="FILE", help="JSONL or JSON list; records with prompt, instruction or turns")
+    p.add_argument("--long-context", metavar="FILE", help="UTF-8 text for long-context perplexity")
+    p.add_argument("--limit", type=int, help="use the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sweep", action="store_true", help="auto at T = 0.90/0.95/0.98/0.99 and the fixed policies "
+                   "(local, frequent, local+frequent, sinks) at auto's kept fraction")
+    p.add_argument("--policy", default="auto", help="without --sweep: auto, a fixed policy (e.g. local+frequent) or "
+                   "sinks (first 4 tokens + recent window of local-ratio x length)")
+    p.add_argument("--threshold", type=float, default=0.98, help="FastGen recovery threshold T in (0, 1]")
+    p.add_argument("--local-ratio", type=float, default=0.3, help="r_l in [0, 1]")
+    p.add_argument("--frequent-ratio", type=float, default=0.3, help="r_f in [0, 1]")
+    p.add_argument("--free-run", action="store_true", help="also decode each compressed cache freely to find where "
+                   "it departs (by default that index is read off the teacher-forced run, which is equivalent)")
+    p.add_argument("--ctx", type=int, default=4096, help="long-context window in tokens (default 4096)")
+    p.add_argument("--windows", type=int, default=1, help="long-context windows to score (default 1)")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output directory (default bench/results)")
+    p.add_argument("--tag", default=None, help="file name stem (default eval_sweep or eval_<policy>)")
+    a = p.parse_args(argv)
+    checks = [(a.prompts or a.long_context, "give --prompts FILE and/or --long-context FILE"),
+              (a.limit is None or a.limit >= 1, "--limit must be at least 1"),
+              (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+              (0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
+              (0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
+              (0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]"),
+              (a.ctx >= 2, "--ctx must be at least 2"),
+              (a.windows >= 1, "--windows must be at least 1"),
+              (not (a.sweep and a.policy not in ("auto",)), "--sweep runs every policy: leave out --policy")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    sys.path.insert(0, str(ROOT))
+    from tinygen.errors import TinygenError
+    from tinygen.eval.methods import check_policy
+
+    try:
+        check_policy(a.policy)
+    except TinygenError as e:
+        p.error(str(e))
+    if a.policy == "full" and not a.sweep:
+        p.error("--policy full is the reference itself: choose a compressed policy")
+    return a
+
+
+def run(a) -> int:
+    import torch
+
+    from tinygen.eval.longctx import long_context, long_context_md
+    from tinygen.eval.methods import Method
+    from tinygen.eval.plots import heatmap, stability, sweep_plot
+    from tinygen.eval.prompts import load_prompts, machine, write_json, write_jsonl
+    from tinygen.eval.sweep import encode_prompts, log, run_methods, summaries, sweep, table
+    from tinygen.loader import load_model
+    from tinygen.tokenizer import Tokenizer
+
+    prompts = load_prompts(a.prompts, a.limit) if a.prompts else None  # bad input fails before the model loads
+    text = None
+    if a.long_context:
+        text = _read_text(a.long_context)
+    out = Path(a.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"error: cannot create {out}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    model = load_model(a.model, device=device, dtype=a.dtype)
+    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio)
+    stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
+    meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
+            "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+            "free_run": a.free_run, "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
+
+    if prompts:
+        prompts = encode_prompts(tok, prompts)
+        log(f"{len(prompts)} prompts, {min(len(p['ids']) for p in prompts)}-{max(len(p['ids']) for p in prompts)} "
+            f"tokens, up to {a.max_new_tokens} new tokens each, on {device} ({a.dtype})")
+        if a.sweep:
+            records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
+                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run)
+            meta["matching"] = matching
+        else:
+            records = run_methods(model, tok, prompts, [method], a.max_new_tokens, a.free_run)
+        sums = summaries(records)
+        write_jsonl(out / f"{stem}_prompts.jsonl", records)
+        summary = dict(meta, methods=sums)
+        autos = [r for r in records if r["method"]["policy"] == "auto"]
+        if autos:
+            t = min({r["method"]["threshold"] for r in autos}, key=lambda x: abs(x - 0.98))
+            maps = [r for r in autos if r["method"]["threshold"] == t]
+            heatmap(maps[0]["policies"], out / f"{stem}_policy_heatmap.png",
+                    f"policy map, prompt {maps[0]['id']}, T={t:g}")
+            st = stability([r["policies"] for r in maps], out / f"{stem}_policy_stability.png",
+                           f"head habits over {len(maps)} prompts, T={t:g}")
+            summary["stability"] = {"threshold": t, "mean_share": st["mean_share"], "share": st["share"]}
+        md = f"# {stem}\n\n`{meta['command']}`\n\nmodel {a.model}, {a.dtype} on {device}; {len(prompts)} prompts, " \
+             f"up to {a.max_new_tokens} new tokens; means over prompts of per-prompt means.\n\n" + table(sums)
+        if a.sweep:
+            sweep_plot(sums, out / f"{stem}.png", f"{len(prompts)} prompts x {a.max_new_tokens} tokens, {a.dtype}")
+        write_json(out / f"{stem}_summary.json", summary)
+        _write_text(out / f"{stem}.md", md)
+        print(table(sums))
+    if text is not None:
+        res = long_context(model, tok, text, a.ctx, a.windows, [method], log=log)
+        write_json(out / f"{stem}_long_context.json", dict(meta, **res))
+        _write_text(out / f"{stem}_long_context.md", long_context_md(res))
+        print(long_context_md(res))
+    return 0
+
+
+def _write_text(path: Path, text: str):
+    from tinygen.eval.prompts import write_atomic
+
+    write_atomic(path, lambda f: f.write(text))
+
+
+def _read_text(path: str) -> str:
+    from tinygen.errors import TinygenError
+
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TinygenError(f"{path} is not UTF-8 text (byte {e.start})") from None
+
+
+def main(argv=None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    from tinygen.errors import TinygenError
+
+    try:
+        return run(a)
+    except TinygenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

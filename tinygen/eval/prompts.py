@@ -1,0 +1,93 @@
+"""Prompt sets (JSONL or a JSON list) and the files the evaluation writes (temp name + rename)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from ..errors import TinygenError
+
+
+def prompt_of(record, where: str) -> str:
+    """The prompt of one record: `prompt`, `instruction` (AlpacaEval) or the first of `turns` (MT-Bench)."""
+    if isinstance(record, str):
+        text = record
+    elif not isinstance(record, dict):
+        raise TinygenError(f"{where}: a record must be a JSON object, got {type(record).__name__}")
+    elif isinstance(record.get("prompt"), str):
+        text = record["prompt"]
+    elif isinstance(record.get("instruction"), str):
+        text = record["instruction"]
+    elif isinstance(record.get("turns"), list) and record["turns"] and isinstance(record["turns"][0], str):
+        text = record["turns"][0]
+    else:
+        raise TinygenError(f"{where}: no prompt (expected a string 'prompt', 'instruction' or 'turns' list)")
+    if not text.strip():
+        raise TinygenError(f"{where}: the prompt is empty")
+    return text
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """[{"id", "prompt"}] from a JSON list or JSON Lines file; ids are the record's question_id/id, else its index."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise TinygenError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TinygenError(f"{path}: bad JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        where = [f"{path}: record {i + 1}" for i in range(len(records))]
+    else:
+        records, where = [], []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TinygenError(f"{path}: bad JSON on line {n} column {e.colno}: {e.msg}") from None
+            where.append(f"{path}: line {n}")
+    if not records:
+        raise TinygenError(f"{path}: no prompts")
+    out = []
+    for i, (rec, w) in enumerate(zip(records, where)):
+        rid = rec.get("question_id", rec.get("id", i)) if isinstance(rec, dict) else i
+        out.append({"id": rid, "prompt": prompt_of(rec, w)})
+    return out[:limit] if limit else out
+
+
+def write_atomic(path: Path, write):
+    """write(file) into a temporary sibling, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data):
+    write_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")))
+
+
+def write_jsonl(path: Path, rows: list[dict]):
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+
+
+def machine() -> dict:
+    """Where the figures come from."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

@@ -1,0 +1,100 @@
+"""Running methods over a prompt set, the paper's sweep at equal memory, and the markdown table."""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+
+from .methods import FIXED, Method, match_ratio, with_ratio
+from .metrics import summarize
+from .runner import evaluate, reference_run
+
+THRESHOLDS = (0.90, 0.95, 0.98, 0.99)
+
+
+def log(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def encode_prompts(tok, prompts: list[dict]) -> list[dict]:
+    return [dict(p, ids=tok.encode(tok.render_chat([{"role": "user", "content": p["prompt"]}]))) for p in prompts]
+
+
+def run_methods(model, tok, prompts: list[dict], methods: list[Method], max_new_tokens: int, run_free: bool = False,
+                stage: str = "") -> list[dict]:
+    """Every method on every prompt (prompts already encoded): per-prompt records, progress on stderr."""
+    records, t0 = [], time.perf_counter()
+    for n, p in enumerate(prompts, 1):
+        ref = reference_run(model, p["ids"], max_new_tokens, tok.eos_ids)
+        if "targets" in p:  # a second pass must reproduce the first's reference
+            assert p["targets"] == ref.targets, f"prompt {p['id']}: the reference changed between passes"
+        p["targets"] = ref.targets
+        line = []
+        for m in methods:
+            r = evaluate(model, tok, ref, m, run_free)
+            r["id"] = p["id"]
+            records.append(r)
+            line.append(f"{m.label}: agree {r['agreement']:.3f} kept {r['kept_fraction']:.3f}")
+        eta = (time.perf_counter() - t0) / n * (len(prompts) - n)
+        log(f"[{stage}{n}/{len(prompts)}] prompt {p['id']} ({len(p['ids'])} tok, {len(ref.targets)} generated, "
+            f"eta {eta:.0f} s) " + "; ".join(line))
+    return records
+
+
+def summaries(records: list[dict]) -> list[dict]:
+    """One summary per method, in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["method"]["label"], []).append(r)
+    out = []
+    for label, rs in groups.items():
+        s = {"method": rs[0]["method"], "summary": summarize(rs)}
+        if rs[0]["policies"] and rs[0]["method"]["policy"] == "auto":
+            counts = Counter(p for r in rs for layer in r["policies"] for p in layer)
+            s["policy_counts_per_prompt"] = {k: v / len(rs) for k, v in counts.most_common()}
+        out.append(s)
+    return out
+
+
+def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRESHOLDS, fixed=FIXED,
+          local_ratio: float = 0.3, frequent_ratio: float = 0.3, run_free: bool = False):
+    """auto at each threshold, then each fixed policy with its ratio matched to auto's mean kept fraction there.
+
+    Two passes over the prompts (the reference is recomputed, and checked identical, rather than held for every
+    prompt): pass 1 runs auto and records each run's lengths; the matching needs nothing else, because a fixed policy
+    without special/punct keeps a number of tokens that depends only on the ratio and the lengths."""
+    autos = [Method("auto", t, local_ratio, frequent_ratio) for t in thresholds]
+    records = run_methods(model, tok, prompts, autos, max_new_tokens, run_free, "auto ")
+    lengths = {}
+    for r in records:  # (prompt length, length at the end) of each prompt, the same for every threshold
+        lengths[r["id"]] = (r["prompt_tokens"], r["length"])
+    matching, fixed_methods = [], []
+    for m in autos:
+        target = summarize([r for r in records if r["method"]["label"] == m.label])["kept_fraction"]["mean"]
+        for policy in fixed:
+            ratio = match_ratio(policy, list(lengths.values()), target)
+            fixed_methods.append(with_ratio(policy, ratio, m.threshold))
+            matching.append({"threshold": m.threshold, "policy": policy, "target_kept": target, "ratio": ratio})
+    log("matched ratios: " + ", ".join(f"{x['policy']}@{x['threshold']:g}={x['ratio']:.4f}" for x in matching))
+    records += run_methods(model, tok, prompts, fixed_methods, max_new_tokens, run_free, "fixed ")
+    return records, matching
+
+
+def table(sums: list[dict]) -> str:
+    """Markdown: one row per method, grouped by the auto threshold each fixed policy is matched to."""
+    head = ("| matched to | method | kept fraction | top-1 agreement (mean / median) | KL nats (mean / median) | "
+            "log-lik drop | first departure (median) | never departs | KV MiB (physical) |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+    def key(s):
+        m = s["method"]
+        return (m.get("threshold", m.get("matched_to_threshold")) or 9, m["policy"] != "auto", m["label"])
+    rows = []
+    for s in sorted(sums, key=key):
+        m, x = s["method"], s["summary"]
+        t = m.get("threshold", m.get("matched_to_threshold"))
+        rows.append(f"| {'' if t is None else f'T={t:g}'} | {m['label']} | {x['kept_fraction']['mean']:.3f} | "
+                    f"{x['agreement']['mean']:.3f} / {x['agreement']['median']:.3f} | "
+                    f"{x['kl']['mean']:.4f} / {x['kl']['median']:.4f} | {x['ll_drop']['mean']:.4f} | "
+                    f"{x['first_departure']['median']:.0f} | {x['never_departs']:.2f} | "
+                    f"{x['kv_bytes']['mean'] / 2**20:.2f} |")
+    return head + "\n".join(rows) + "\n"

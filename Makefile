@@ -30,9 +30,11 @@ weights: setup $(MODEL)/config.json
 $(MODEL)/config.json:
 	$(PY) weights/convert.py --out $(MODEL)
 
-# tinygen against HF transformers, same weights and prompt; results go to bench/results/
+# tinygen against HF transformers (same weights and prompt), then FastGen against the full cache at 1k-8k tokens;
+# results go to bench/results/
 bench: setup weights
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_fastgen.py
 
 clean:
 	rm -rf $(VENV) weights/.cache $(MODEL)

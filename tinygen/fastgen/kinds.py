@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import unicodedata
+import weakref
 from itertools import accumulate
 
 import torch
@@ -15,21 +16,16 @@ def is_punctuation(text: str) -> bool:
     return bool(s) and all(unicodedata.category(c).startswith("P") for c in s)
 
 
-_VOCAB_CACHE: dict[int, list[int]] = {}
+_VOCAB_CACHE: "weakref.WeakKeyDictionary[object, list[int]]" = weakref.WeakKeyDictionary()
 
 
 def vocab_kinds(tokenizer) -> list[int]:
-    """kind bits (SPECIAL, PUNCT) of every id; computed once per tokenizer."""
-    key = id(tokenizer)
-    if key not in _VOCAB_CACHE:
-        kinds = []
-        for i in range(tokenizer.vocab_size):
-            if i in tokenizer.special_ids:
-                kinds.append(SPECIAL)
-            else:
-                kinds.append(PUNCT if is_punctuation(tokenizer.token_text(i)) else 0)
-        _VOCAB_CACHE[key] = kinds
-    return _VOCAB_CACHE[key]
+    """kind bits (SPECIAL, PUNCT) of every id; computed once per tokenizer object."""
+    if tokenizer not in _VOCAB_CACHE:
+        _VOCAB_CACHE[tokenizer] = [SPECIAL if i in tokenizer.special_ids else
+                                   PUNCT if is_punctuation(tokenizer.token_text(i)) else 0
+                                   for i in range(tokenizer.vocab_size)]
+    return _VOCAB_CACHE[tokenizer]
 
 
 class TokenKinds:

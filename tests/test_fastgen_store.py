@@ -1,0 +1,298 @@
+"""FastGen's compressed cache on synthetic tensors (no model): hundreds of random decode steps with mixed policies,
+checked at every step against a dense reference over exactly the tokens each KV head holds, and the budgets,
+protection, eviction order, bookkeeping (bitmaps, rows, scores) and physical size."""
+import math
+
+import pytest
+import torch
+
+import tinygen.fastgen.cache as fg_cache
+from conftest import DEVICES
+from tinygen.attention import dense_attention
+from tinygen.cache import FullCache
+from tinygen.fastgen.cache import FastGenCache
+from tinygen.fastgen.kinds import TokenKinds
+from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
+from tinygen.fastgen.profile import choose_policies, recoveries_dense
+
+N_HEADS, N_KV, HD = 8, 4, 8
+GROUPS = N_HEADS // N_KV
+L0 = 30  # prompt length
+VOCAB = [SPECIAL if i < 3 else PUNCT if i < 10 else 0 for i in range(50)]  # ids 0-2 special, 3-9 punctuation
+SP, SPF, SPFL = SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PUNCT | FREQUENT | LOCAL
+
+
+def expected_budgets(policy: int, L: int, kinds: list[int], cfg: FastGenConfig):
+    """(window, frequent budget, most tokens kept) at length L, from the definitions (decisions 3 and 4)."""
+    if policy & FULL:
+        return L, 0, L
+    w = min(L, math.ceil(cfg.local_ratio * L)) if policy & LOCAL else 0
+    b = min(L, math.ceil(cfg.frequent_ratio * L)) if policy & FREQUENT else 0
+    prot = sum(1 for kd in kinds[: L - w] if kd & policy & (SPECIAL | PUNCT))
+    return w, b, w + prot + min(b, L - w - prot)
+
+
+def growth_rows(kept: int, cfg: FastGenConfig) -> int:
+    """Spare rows a store may hold beyond what it keeps: one growth block, which is at least cfg.growth_block and
+    1/16 of what the store holds (PolicyStore.block_rows)."""
+    return max(cfg.growth_block, kept // 16)
+
+
+def resident(cache: FastGenCache, L: int) -> torch.Tensor:
+    """(n_kv_heads, L) bool: which tokens each KV head holds, from the stores' bitmaps."""
+    idx = torch.cat([s.kv_index for s in cache.stores]).cpu()
+    assert sorted(idx.tolist()) == list(range(N_KV)), "every KV head in exactly one store"
+    mask = torch.zeros(N_KV, L, dtype=torch.bool)
+    for s in cache.stores:
+        mask[s.kv_index.cpu()] = s.resident_mask(L).cpu()
+    return mask
+
+
+class Reference:
+    """Dense history of everything the cache was given, and reference cumulative scores."""
+
+    def __init__(self, max_len, device):
+        self.K = torch.zeros(N_KV, max_len, HD, device=device)
+        self.V = torch.zeros(N_KV, max_len, HD, device=device)
+        self.score = torch.zeros(N_KV, max_len, dtype=torch.float64)
+        self.kinds: list[int] = []
+        self.grew = 0
+
+
+def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig, before: torch.Tensor | None):
+    """Invariants after prefill (before=None) or after a decode step (before = what the step attended over)."""
+    mask = resident(cache, L)
+    kinds = torch.tensor(ref.kinds[:L], dtype=torch.uint8)
+    assert cache.kept_tokens() == int(mask.sum())
+    total_bytes, fixed_bytes, bound = cache.nbytes(), 0, 0
+    for s in cache.stores:
+        policy, heads = s.policy, s.kv_index.cpu().tolist()
+        assert all(cache.policies[h] == policy for h in heads)
+        w, b, most = expected_budgets(policy, L, ref.kinds, cfg)
+        protect = policy & (SPECIAL | PUNCT)
+        prot = (kinds & protect) != 0
+        outside = torch.arange(L) < L - w
+        # bitmap: nothing set beyond the length, popcount == kept, the same for every head of the store
+        full_bits = s.resident_mask(s.bitmap.shape[1] * 8).cpu()
+        assert not full_bits[:, L:].any()
+        assert (full_bits.sum(1) == s.kept).all(), (policy, full_bits.sum(1), s.kept)
+        if before is None:
+            assert s.kept == most
+        else:
+            assert s.kept == min(int(before[heads[0]].sum()), most), (policy, L)
+        # the rows: positions in use are exactly the set bits, and hold that token's K, V (and score)
+        rows = list(range(s.kept + 1 if s.hole else s.kept))
+        assert s.k.shape[1] <= min(s.max_len, s.kept + growth_rows(s.kept, cfg))
+        for i, h in enumerate(heads):
+            r = [x for x in rows if not (s.hole and x == int(s.free[i]))]
+            assert len(r) == s.kept
+            pos = s.pos[i, r].long().cpu()
+            assert sorted(pos.tolist()) == mask[h].nonzero()[:, 0].tolist(), (policy, h, L)
+            assert torch.equal(s.k[i, r], ref.K[h, pos.to(s.k.device)])
+            assert torch.equal(s.v[i, r], ref.V[h, pos.to(s.v.device)])
+            if policy & FREQUENT:
+                torch.testing.assert_close(s.score[i, r].cpu().double(), ref.score[h, pos], atol=1e-5, rtol=1e-5)
+            # budgets
+            m = mask[h]
+            if policy & FULL:
+                assert m.all()
+                continue
+            assert m[L - w :].all(), "the local window is held whole"
+            assert m[prot].all(), "protected tokens are never evicted"
+            pool = int((m & ~prot & outside).sum())
+            assert pool <= b, (policy, pool, b)
+            if before is not None:
+                prev = before[h]
+                assert not (m & ~prev).any(), "an evicted token never comes back"
+                gone = (prev & ~m).nonzero()[:, 0].tolist()
+                assert len(gone) == int(prev.sum()) - s.kept <= 1
+                if gone:
+                    (e,) = gone
+                    evictable = prev & ~prot & outside
+                    assert evictable[e]
+                    if policy & FREQUENT:  # the lowest cumulative score among the evictable leaves
+                        lowest = ref.score[h, :L].masked_fill(~evictable, math.inf).min()
+                        assert ref.score[h, e] <= lowest + 1e-4, (policy, L, e, ref.score[h, e], lowest)
+                    else:  # the oldest (the token that just left the window, or a new unprotected token)
+                        assert e == int(evictable.nonzero()[0, 0]), (policy, L, e)
+        # physical size: every per-row tensor (K, V, pos, score, any per-row flags) has the same capacity, never
+        # more than kept + one growth block; per row: K and V, an int32 position, an fp32 score with `frequent`,
+        # and at most one byte of flags
+        fixed_bytes += s.bitmap.nbytes + s.free.nbytes
+        cap = s.k.shape[1]
+        row_tensors = [t for t in s.tensors() if t is not s.bitmap and t is not s.free]
+        assert all(t.shape[:2] == (len(heads), cap) for t in row_tensors)
+        row_bytes = sum(t.untyped_storage().nbytes() for t in row_tensors) // (len(heads) * cap)
+        kv_bytes = 2 * HD * s.k.element_size()
+        assert kv_bytes <= row_bytes <= kv_bytes + 4 + (4 if policy & FREQUENT else 0) + 1, (policy, row_bytes)
+        bound += len(heads) * (s.kept + growth_rows(s.kept, cfg)) * row_bytes
+    assert total_bytes - fixed_bytes <= bound
+    return mask
+
+
+def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_policies=None):
+    """Prefill a random prompt, then `steps` random decode steps, checking everything at every step."""
+    g = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    max_len = L0 + steps
+    ids = [1] + torch.randint(0, len(VOCAB), (L0 - 1,), generator=g).tolist()  # BOS first
+    tk = TokenKinds(VOCAB, max_len, dev)
+    tk.append(ids)
+    ref = Reference(max_len, dev)
+    ref.kinds = [VOCAB[i] for i in ids]
+    cache = FastGenCache(N_HEADS, N_KV, HD, max_len, tk, cfg)
+
+    q = (torch.randn(N_HEADS, L0, HD, generator=g) * 1.5).to(dev)
+    k = torch.randn(N_KV, L0, HD, generator=g).to(dev)
+    v = torch.randn(N_KV, L0, HD, generator=g).to(dev)
+    out = cache.attend(q, k, v)
+    assert cache.length == L0
+    ref_out, probs = dense_attention(q, k, v, torch.ones(L0, L0, dtype=torch.bool, device=dev).tril())
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    ref.K[:, :L0], ref.V[:, :L0] = k, v
+    attn = probs.view(N_KV, GROUPS, L0, L0).mean(1).cpu()
+    ref.score[:, :L0] = attn.sum(1).double()
+    if expect_policies is not None:
+        assert cache.policies == list(expect_policies)
+    if cfg.fixed_policy is None:
+        kinds = torch.tensor(ref.kinds, dtype=torch.uint8)
+        torch.testing.assert_close(cache.recovery.cpu(), recoveries_dense(attn, kinds, cfg), atol=1e-5, rtol=1e-5)
+
+    # prefill residency: protected kinds, the window, and the heaviest of the rest by prompt column sums
+    mask = check_state(cache, ref, L0, cfg, None)
+    for h, policy in enumerate(cache.policies):
+        w, b, most = expected_budgets(policy, L0, ref.kinds, cfg)
+        keep = torch.ones(L0, dtype=torch.bool)
+        if not policy & FULL:
+            keep = (torch.tensor(ref.kinds) & policy & (SPECIAL | PUNCT)) != 0
+            keep[L0 - w :] = True
+            n = min(b, int((~keep).sum()))
+            if n:
+                keep[ref.score[h, :L0].masked_fill(keep, -math.inf).topk(n).indices] = True
+        assert torch.equal(mask[h], keep), (h, policy)
+
+    caps = [s.k.shape[1] for s in cache.stores]
+    for step in range(steps):
+        tok = int(torch.randint(0, len(VOCAB), (1,), generator=g))
+        tk.append([tok])
+        ref.kinds.append(VOCAB[tok])
+        L = L0 + step + 1
+        q = torch.randn(N_HEADS, 1, HD, generator=g).to(dev) * 1.5
+        k = torch.randn(N_KV, 1, HD, generator=g).to(dev)
+        v = torch.randn(N_KV, 1, HD, generator=g).to(dev)
+        before = torch.zeros(N_KV, L, dtype=torch.bool)
+        before[:, : L - 1] = mask
+        before[:, L - 1] = True  # the new token always attends to itself
+        out = cache.attend(q, k, v)
+        assert cache.length == L
+        ref.K[:, L - 1], ref.V[:, L - 1] = k[:, 0], v[:, 0]
+        qmask = before.repeat_interleave(GROUPS, 0)[:, None, :].to(dev)  # query head h reads KV head h // GROUPS
+        ref_out, probs = dense_attention(q, ref.K[:, :L], ref.V[:, :L], qmask)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+        ref.score[:, :L] += probs.view(N_KV, GROUPS, L).mean(1).cpu().double()
+        mask = check_state(cache, ref, L, cfg, before)
+        new_caps = [s.k.shape[1] for s in cache.stores]
+        ref.grew += sum(a > b for a, b in zip(new_caps, caps))
+        caps = new_caps
+    return cache, ref
+
+
+@pytest.fixture
+def force_policies(monkeypatch):
+    """Make profiling (policy auto) hand out the given policies, one per KV head."""
+    def force(policies):
+        monkeypatch.setattr(fg_cache, "choose_policies", lambda rec, threshold: list(policies))
+    return force
+
+
+MIXED = {  # name: (policy per KV head, (r_l, r_f))
+    "paper-candidates": ([SPECIAL, SP, SPF, SPFL], (0.3, 0.3)),
+    "fixed-baselines": ([LOCAL, FREQUENT, LOCAL | FREQUENT, FULL], (0.3, 0.3)),
+    "shared-noncontiguous": ([SPFL, FREQUENT | LOCAL, SPFL, FREQUENT | LOCAL], (0.1, 0.2)),
+    "reversed": ([FULL, SPFL, SP, SPECIAL], (0.2, 0.1)),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only add contention (10x slower on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", MIXED)
+def test_mixed_policies_300_steps(device, mix, force_policies):
+    policies, (r_l, r_f) = MIXED[mix]
+    force_policies(policies)
+    cfg = FastGenConfig(policy="auto", local_ratio=r_l, frequent_ratio=r_f, growth_block=4)
+    cache, ref = run(cfg, device, steps=300, seed=len(mix), expect_policies=policies)
+    assert len(cache.stores) == len(set(policies))
+    assert ref.grew > 0, "stores grew during decoding"
+    # something was evicted from every compressible head
+    for s in cache.stores:
+        if s.policy != FULL:
+            assert s.kept < cache.length
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ratios", [(0.5, 0.05), (0.0, 0.0), (1.0, 1.0)])
+def test_mixed_policies_extreme_ratios(device, ratios, force_policies):
+    force_policies([LOCAL, FREQUENT, SPFL, SPECIAL])
+    cfg = FastGenConfig(local_ratio=ratios[0], frequent_ratio=ratios[1], growth_block=3)
+    cache, _ = run(cfg, device, steps=100, seed=7)
+    kept = {s.policy: s.kept for s in cache.stores}
+    L = cache.length
+    if ratios == (1.0, 1.0):
+        assert kept[LOCAL] == kept[FREQUENT] == kept[SPFL] == L
+    if ratios == (0.0, 0.0):
+        assert kept[LOCAL] == kept[FREQUENT] == 0  # nothing to keep: each new token attends to itself only
+        assert kept[SPFL] == kept[SPECIAL] + sum(1 for i in range(L) if cache.kinds.kinds[i] & PUNCT)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["special", "special+punct", "special+punct+frequent",
+                                    "special+punct+frequent+local", "local", "frequent", "local+frequent",
+                                    "punct", "full"])
+def test_fixed_policy_every_head(device, policy):
+    cfg = FastGenConfig(policy=policy, growth_block=4)
+    cache, _ = run(cfg, device, steps=60, seed=3)
+    assert len(cache.stores) == 1 and cache.stores[0].kv_index.tolist() == list(range(N_KV))
+    assert cache.recovery is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold,expected", [(0.5, [SPF] * 4), (0.83, [SPFL, SPF, SPF, SPF]),
+                                                (0.96, [FULL, SPFL, FULL, FULL]), (0.98, [FULL] * 4)])
+def test_auto_policies_follow_profile(device, threshold, expected):
+    """Unpatched auto: recoveries equal the dense reference (checked in run) and each head gets the first candidate
+    reaching T. This seed's recoveries (rows: KV heads; S, SP, SPF, SPFL, full):
+    [.252 .325 .814 .950 1], [.228 .311 .875 .975 1], [.180 .273 .836 .958 1], [.170 .243 .835 .954 1]."""
+    cfg = FastGenConfig(threshold=threshold, growth_block=4)
+    cache, _ = run(cfg, device, steps=40, seed=11)
+    assert cache.policies == expected
+    assert cache.policies == choose_policies(cache.recovery.cpu(), threshold)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_policy_equals_full_cache(device):
+    torch.manual_seed(5)
+    steps, max_len = 300, L0 + 300
+    tk = TokenKinds(VOCAB, max_len, torch.device(device))
+    tk.append(torch.randint(0, len(VOCAB), (L0,)).tolist())
+    fg = FastGenCache(N_HEADS, N_KV, HD, max_len, tk, FastGenConfig(policy="full", growth_block=4))
+    full = FullCache(N_KV, HD, max_len, torch.device(device), torch.float32)
+    q, k, v = torch.randn(N_HEADS, L0, HD), torch.randn(N_KV, L0, HD), torch.randn(N_KV, L0, HD)
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    torch.testing.assert_close(fg.attend(q, k, v), full.attend(q, k, v), atol=1e-6, rtol=1e-6)
+    for step in range(steps):
+        tk.append([int(torch.randint(0, len(VOCAB), (1,)))])
+        q = torch.randn(N_HEADS, 1, HD, device=device) * 2
+        k, v = torch.randn(N_KV, 1, HD, device=device), torch.randn(N_KV, 1, HD, device=device)
+        torch.testing.assert_close(fg.attend(q, k, v), full.attend(q, k, v), atol=1e-6, rtol=1e-6,
+                                   msg=lambda m: f"step {step}: {m}")
+    assert fg.length == full.length == max_len
+    assert fg.kept_tokens() == N_KV * max_len
+    assert fg.stores[0].k.shape[1] <= max_len + 4

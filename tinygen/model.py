@@ -17,10 +17,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel
         # Normalise in float32, as HF does, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -32,15 +32,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache):
-        T = x.shape[0]
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, self.n_heads, self.head_dim).transpose(0, 1)  # (n_heads, T, head_dim)
-        k = k.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)  # (n_kv_heads, T, head_dim)
-        v = v.view(T, self.n_kv_heads, self.head_dim).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        T, nq, nkv = x.shape[0], self.n_heads, self.n_kv_heads
+        qkv = self.wqkv(x).view(T, nq + 2 * nkv, self.head_dim)  # rows: q heads, k heads, v heads
+        qk = apply_rope(qkv[:, : nq + nkv], cos[:, None], sin[:, None])  # q and k rotated together
+        q = qk[:, :nq].transpose(0, 1)  # (n_heads, T, head_dim)
+        k = qk[:, nq:].transpose(0, 1)  # (n_kv_heads, T, head_dim)
+        v = qkv[:, nq + nkv :].transpose(0, 1)  # (n_kv_heads, T, head_dim)
         out = cache.attend(q, k, v)  # (n_heads, T, head_dim)
-        return self.wo(out.transpose(0, 1).reshape(T, q_size))
+        return self.wo(out.transpose(0, 1).reshape(T, nq * self.head_dim))
 
 
 class FeedForward(nn.Module):

@@ -39,7 +39,7 @@ def rope_tables(cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (heads, T, head_dim); cos/sin: (T, head_dim) already in x's dtype."""
+    """x: (..., head_dim); cos/sin broadcastable to x, already in x's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, rotated, sin)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import DEVICES, save_tiny_model
 
-from tinygen.attention import dense_attention
+from tinygen.attention import causal_attention, dense_attention
 from tinygen.generate import full_caches
 from tinygen.loader import load_model
 
@@ -72,3 +72,19 @@ def test_dense_reference_attention_equals_fast_path():
     torch.testing.assert_close(out, fast, atol=1e-5, rtol=0)
     torch.testing.assert_close(probs.sum(-1), torch.ones(4, 12))
     assert probs[:, 0, 1:].abs().max() == 0  # row 0 sees only itself
+
+
+@pytest.mark.parametrize("start,T,rows", [(0, 50, 16), (0, 50, 128), (13, 37, 16)])
+def test_blockwise_causal_attention_equals_dense(start, T, rows):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(6, T, 16, generator=g)
+    k, v = torch.randn(2, start + T, 16, generator=g), torch.randn(2, start + T, 16, generator=g)
+    seen = []
+    out = causal_attention(q, k, v, start, on_block=lambda p, r0: seen.append((r0, tuple(p.shape))),
+                           max_block_rows=rows)
+    visible = torch.ones(T, start + T, dtype=torch.bool).tril(diagonal=start)
+    expected, _ = dense_attention(q, k, v, visible)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    block = max(16, rows)
+    assert [r0 for r0, _ in seen] == list(range(0, T, block))
+    assert all(shape[3] == start + min(T, r0 + block) for r0, shape in seen)  # a block sees keys up to its last row

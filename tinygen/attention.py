@@ -30,3 +30,34 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     scores = (qg * scale) @ k.transpose(1, 2)  # (n_kv_heads, groups, L)
     probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     return torch.bmm(probs, v).view(q.shape)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int = 0, on_block=None,
+                     max_block_bytes: int = 64 << 20, max_block_rows: int = 128) -> torch.Tensor:
+    """Causal attention for T new tokens at positions start..start+T-1, one block of query rows at a time.
+
+    q: (n_heads, T, head_dim), k/v: (n_kv_heads, start+T, head_dim) -> (n_heads, T, head_dim). GQA without
+    repeating K/V; scores and softmax in float32. Never holds more than one block of probabilities; small blocks
+    also skip most of the causal upper triangle (a block sees only keys up to its last row).
+    on_block(probs, row0): called with each block's probabilities, (n_kv_heads, groups, B, keys) float32.
+    """
+    n_heads, T, head_dim = q.shape
+    n_kv_heads, L, _ = k.shape
+    groups = n_heads // n_kv_heads
+    block = max(16, min(max_block_rows, max_block_bytes // (4 * n_heads * L)))
+    kt = k.float().transpose(1, 2)  # (n_kv_heads, head_dim, L)
+    qg = q.reshape(n_kv_heads, groups, T, head_dim)
+    future = torch.ones(block, block, dtype=torch.bool, device=q.device).triu_(diagonal=1)
+    out = torch.empty(n_heads, T, head_dim, dtype=q.dtype, device=q.device)
+    for r0 in range(0, T, block):
+        r1 = min(T, r0 + block)
+        B, end = r1 - r0, start + r1  # keys beyond `end` are all in the future of this block
+        qb = qg[:, :, r0:r1].float().reshape(n_kv_heads, groups * B, head_dim) * head_dim**-0.5
+        scores = (qb @ kt[:, :, :end]).view(n_kv_heads, groups, B, end)
+        scores[..., start + r0 : end].masked_fill_(future[:B, :B], float("-inf"))  # only the block's own keys
+        probs = torch.softmax(scores, dim=-1)
+        ob = probs.to(v.dtype).view(n_kv_heads, groups * B, end) @ v[:, :end]  # (n_kv_heads, groups*B, head_dim)
+        out[:, r0:r1] = ob.view(n_heads, B, head_dim)
+        if on_block is not None:
+            on_block(probs, r0)
+    return out

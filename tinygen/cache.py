@@ -9,9 +9,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
-from .attention import grouped_decode_attention
+from .attention import causal_attention, grouped_decode_attention
 
 
 class KVCache(Protocol):
@@ -65,11 +64,7 @@ class FullCache:
         scale = q.shape[-1] ** -0.5
         if T == 1:
             return grouped_decode_attention(q, keys, values, scale)
-        if start == 0:
-            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-        # New tokens after earlier ones: query i sees every old key and new keys up to itself.
-        mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return causal_attention(q, keys, values, start)
 
     def nbytes(self) -> int:
         return storage_bytes(self.k, self.v)

@@ -35,11 +35,15 @@ def parse_args(argv):
     p.add_argument("--frequent-ratio", type=float, default=0.3, help="r_f in [0, 1]")
     p.add_argument("--free-run", action="store_true", help="also decode each compressed cache freely to find where "
                    "it departs (by default that index is read off the teacher-forced run, which is equivalent)")
+    p.add_argument("--diagnose", action="store_true", help="with auto: per layer, how much of the fidelity gap a "
+                   "full cache in that layer closes (one extra teacher-forced run per layer and prompt)")
     p.add_argument("--ctx", type=int, default=4096, help="long-context window in tokens (default 4096)")
     p.add_argument("--windows", type=int, default=1, help="long-context windows to score (default 1)")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice; on a shared "
+                   "CPU, 1 can be many times faster)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="output directory (default bench/results)")
     p.add_argument("--tag", default=None, help="file name stem (default eval_sweep or eval_<policy>)")
     a = p.parse_args(argv)
@@ -51,6 +55,9 @@ def parse_args(argv):
               (0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]"),
               (a.ctx >= 2, "--ctx must be at least 2"),
               (a.windows >= 1, "--windows must be at least 1"),
+              (a.threads >= 0, "--threads must be >= 0"),
+              (not (a.diagnose and (a.sweep or a.policy != "auto")), "--diagnose works on one auto run, "
+               "without --sweep"),
               (not (a.sweep and a.policy not in ("auto",)), "--sweep runs every policy: leave out --policy")]
     for ok, message in checks:
         if not ok:
@@ -89,6 +96,8 @@ def run(a) -> int:
     except OSError as e:
         print(f"error: cannot create {out}: {e.strerror or e}", file=sys.stderr)
         return 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = load_model(a.model, device=device, dtype=a.dtype)
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
@@ -96,12 +105,26 @@ def run(a) -> int:
     stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
             "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
-            "free_run": a.free_run, "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
+            "free_run": a.free_run, "threads": torch.get_num_threads(), "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
 
     if prompts:
         prompts = encode_prompts(tok, prompts)
         log(f"{len(prompts)} prompts, {min(len(p['ids']) for p in prompts)}-{max(len(p['ids']) for p in prompts)} "
             f"tokens, up to {a.max_new_tokens} new tokens each, on {device} ({a.dtype})")
+        if a.diagnose:
+            from tinygen.eval.diagnose import layer_repair, repair_table
+            from tinygen.eval.runner import reference_run
+
+            results = []
+            for n, p in enumerate(prompts, 1):
+                ref = reference_run(model, p["ids"], a.max_new_tokens, tok.eos_ids)
+                results.append(dict(layer_repair(model, tok, ref, method), id=p["id"]))
+                log(f"[diagnose {n}/{len(prompts)}] prompt {p['id']}: KL {results[-1]['kl']:.4f}")
+            write_json(out / f"{stem}_diagnose.json", dict(meta, method=method.to_json(), prompts=results))
+            _write_text(out / f"{stem}_diagnose.md", f"# {stem}: layer repair\n\n`{meta['command']}`\n\n"
+                        + repair_table(results))
+            print(repair_table(results))
+            return 0
         if a.sweep:
             records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
                                       frequent_ratio=a.frequent_ratio, run_free=a.free_run)
@@ -115,9 +138,10 @@ def run(a) -> int:
         if autos:
             t = min({r["method"]["threshold"] for r in autos}, key=lambda x: abs(x - 0.98))
             maps = [r for r in autos if r["method"]["threshold"] == t]
-            heatmap(maps[0]["policies"], out / f"{stem}_policy_heatmap.png",
+            figs = "eval" if stem == "eval_sweep" else stem  # eval_policy_heatmap.png beside eval_sweep.png
+            heatmap(maps[0]["policies"], out / f"{figs}_policy_heatmap.png",
                     f"policy map, prompt {maps[0]['id']}, T={t:g}")
-            st = stability([r["policies"] for r in maps], out / f"{stem}_policy_stability.png",
+            st = stability([r["policies"] for r in maps], out / f"{figs}_policy_stability.png",
                            f"head habits over {len(maps)} prompts, T={t:g}")
             summary["stability"] = {"threshold": t, "mean_share": st["mean_share"], "share": st["share"]}
         md = f"# {stem}\n\n`{meta['command']}`\n\nmodel {a.model}, {a.dtype} on {device}; {len(prompts)} prompts, " \

@@ -90,15 +90,15 @@ def stability(maps: list[list[list[str]]], path: Path, title: str = "") -> dict:
     im = a1.imshow(share, cmap="viridis", vmin=0, vmax=1, aspect="auto")
     a1.set(xlabel="KV head", ylabel="layer", xticks=range(n_heads),
            title=f"share of prompts on the head's\nmost common policy (mean {mean_share:.2f})")
-    fig.colorbar(im, ax=a1, fraction=0.08)
+    fig.colorbar(im, ax=a1, fraction=0.08, pad=0.12)
     left = [0.0] * n_layers
     for i, (p, c) in enumerate(zip(AUTO_POLICIES, COLOURS)):
         vals = [row[i] for row in per_layer]
-        a2.barh(range(n_layers), vals, left=left, color=c, label=p)
+        a2.barh(range(n_layers), vals, left=left, height=0.9, color=c, label=p)
         left = [a + b for a, b in zip(left, vals)]
-    a2.invert_yaxis()
-    a2.set(xlabel="share of heads x prompts", ylabel="layer", title="policy taken, per layer")
-    a2.legend(fontsize=7, loc="lower right")
+    a2.set_ylim(n_layers - 0.5, -0.5)
+    a2.set(xlabel="share of heads x prompts", ylabel="layer", title="policy taken, per layer", xlim=(0, 1))
+    a2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
     return {"mean_share": mean_share, "share": share, "per_layer": per_layer, "policies": AUTO_POLICIES}

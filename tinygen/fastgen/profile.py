@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..attention import causal_attention
 from .policy import CANDIDATES, FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig, frequent_budget, window
 
 
@@ -26,16 +27,17 @@ class ProfileStats:
         self.seconds = 0.0  # time spent here (host time: on CUDA it counts launches, not kernels)
 
     def add(self, probs: torch.Tensor, row0: int):
-        """probs: (n_kv_heads, B, C) float32 for query rows row0.. row0+B-1 over keys 0..C-1."""
+        """probs: (n_kv_heads, B, C) float32 for query rows row0.. row0+B-1 over keys 0..C-1 (rows sum to 1)."""
         t0 = time.perf_counter()
         B, C = probs.shape[1:]
-        rows = torch.arange(row0, row0 + B, device=probs.device)[:, None]
-        cols = torch.arange(C, device=probs.device)[None, :]
-        in_window = (rows - cols < self.window) & (cols <= rows)  # (B, C)
-        banded = probs * in_window
-        self.colsum[:, :C] += probs.sum(1)
-        self.band[:, :C] += banded.sum(1)
-        self.local += banded.sum((1, 2))
+        colsum = probs.sum(1)  # (n_kv_heads, C)
+        # Keys outside row i's window are j <= i - window: a lower triangle of the first columns, one tril away.
+        width = max(0, row0 + B - self.window)
+        outside = torch.tril(probs[:, :, :width], diagonal=row0 - self.window).sum(1)  # (n_kv_heads, width)
+        self.colsum[:, :C] += colsum
+        self.band[:, :C] += colsum
+        self.band[:, :width] -= outside
+        self.local += B - outside.sum(1)  # each row's mass is 1; what is not outside is inside
         self.seconds += time.perf_counter() - t0
 
 
@@ -66,31 +68,11 @@ def choose_policies(rec: torch.Tensor, threshold: float) -> list[int]:
     return [CANDIDATES[i] for i in first]
 
 
-def profiled_attention(q, k, v, stats: ProfileStats | None, max_block_bytes: int = 64 << 20):
-    """Causal prefill attention computed one block of query rows at a time, feeding `stats` as it goes.
-
-    q: (n_heads, L, head_dim), k/v: (n_kv_heads, L, head_dim) -> (n_heads, L, head_dim).
-    Never holds more than one block of attention probabilities.
-    """
-    n_heads, L, head_dim = q.shape
-    n_kv_heads = k.shape[0]
-    groups = n_heads // n_kv_heads
-    block = max(16, max_block_bytes // (4 * n_heads * L))
-    kf = k.float().transpose(1, 2)  # (n_kv_heads, head_dim, L)
-    qg = q.view(n_kv_heads, groups, L, head_dim)
-    out = torch.empty_like(q)
-    for r0 in range(0, L, block):
-        r1 = min(L, r0 + block)
-        B = r1 - r0
-        qb = qg[:, :, r0:r1].float().reshape(n_kv_heads, groups * B, head_dim) * head_dim**-0.5
-        scores = (qb @ kf[:, :, :r1]).view(n_kv_heads, groups, B, r1)  # keys beyond r1 are all in the future
-        causal = torch.ones(B, r1, dtype=torch.bool, device=q.device).tril(diagonal=r0)
-        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-        ob = probs.to(v.dtype).view(n_kv_heads, groups * B, r1) @ v[:, :r1]  # (n_kv_heads, groups*B, head_dim)
-        out[:, r0:r1] = ob.view(n_heads, B, head_dim)
-        if stats is not None:
-            stats.add(probs.mean(dim=1), r0)  # GQA: average the group's query heads
-    return out
+def profiled_attention(q, k, v, stats: ProfileStats | None, **block_limits):
+    """Causal prefill attention (tinygen.attention.causal_attention) that feeds `stats` with each block's
+    group-averaged probabilities. q: (n_heads, L, head_dim), k/v: (n_kv_heads, L, head_dim)."""
+    on_block = None if stats is None else (lambda probs, r0: stats.add(probs.mean(dim=1), r0))  # GQA: group mean
+    return causal_attention(q, k, v, 0, on_block, **block_limits)
 
 
 def recoveries_dense(attn: torch.Tensor, kinds: torch.Tensor, cfg: FastGenConfig) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..attention import compute_dtype
 from .kinds import TokenKinds
 from .policy import FREQUENT, LOCAL, FastGenConfig, kept_count, protected_kinds, window
 
@@ -94,10 +95,11 @@ class PolicyStore:
                 self.score[:, r] = 0.0
 
         # Attention over this store's rows, all heads of the policy in one batched call.
-        qs = q.view(heads, self.groups, head_dim)
-        scores = (qs * head_dim**-0.5) @ self.k[:, :rows].transpose(1, 2)  # (heads, groups, rows)
+        dt = compute_dtype(self.k)
+        qs = q.reshape(heads, self.groups, head_dim).to(dt)
+        scores = (qs * head_dim**-0.5) @ self.k[:, :rows].to(dt).transpose(1, 2)  # (heads, groups, rows)
         probs = torch.softmax(scores.float(), dim=-1)
-        out = (probs.to(self.v.dtype) @ self.v[:, :rows]).view(heads * self.groups, 1, head_dim)
+        out = (probs.to(dt) @ self.v[:, :rows].to(dt)).to(q.dtype).view(heads * self.groups, 1, head_dim)
         if self.score is not None:
             self.score[:, :rows] += probs.mean(dim=1)  # cumulative attention, averaged over the query group
 

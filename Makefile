@@ -7,7 +7,7 @@ MODEL := weights/SmolLM2-135M-Instruct
 PROMPT ?= What is the capital of France?
 POLICY ?= auto
 
-.PHONY: run test weights bench clean setup
+.PHONY: run test weights bench eval clean setup
 
 # Answer a prompt with the default model: make run PROMPT="..."
 run: setup weights
@@ -35,6 +35,12 @@ $(MODEL)/config.json:
 bench: setup weights
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_fastgen.py
+
+# FastGen against the full cache and fixed policies at equal memory on MT-Bench first turns -> bench/results/eval_*
+# (the whole set: make eval EVAL_ARGS="--max-new-tokens 128"; several hours on a 2-core CPU)
+EVAL_ARGS ?= --limit 12 --max-new-tokens 64
+eval: setup weights
+	$(PY) -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --sweep --threads 1 --out bench/results $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) weights/.cache $(MODEL)

@@ -5,20 +5,14 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from tinygen.cliutil import OneLineParser, read_text, run_main, write_json_atomic  # noqa: E402
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv):
@@ -59,7 +53,6 @@ def parse_args(argv):
     for ok, message in checks:
         if not ok:
             p.error(message)
-    sys.path.insert(0, str(ROOT))
     from tinygen.errors import TinygenError
     from tinygen.fastgen.policy import parse_policy
 
@@ -70,31 +63,13 @@ def parse_args(argv):
     return a
 
 
-def read_text(path: str) -> str:
-    from tinygen.errors import TinygenError
-
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise TinygenError(f"{path} is not UTF-8 text (byte {e.start})") from None
-
-
-def write_json_atomic(path: str, data: dict):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def run(a) -> int:
     import torch
 
     from tinygen.errors import TinygenError
     from tinygen.cache import full_kv_bytes
-    from tinygen.fastgen.cache import kept_fraction, make_caches, policy_map
+    from tinygen.cache import kept_fraction
+    from tinygen.fastgen.cache import make_caches, policy_map
     from tinygen.fastgen.policy import FastGenConfig, policy_name
     from tinygen.generate import GenerationStats, generate
     from tinygen.loader import load_model
@@ -149,7 +124,7 @@ def run(a) -> int:
         "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
         "kv_bytes": sum(c.nbytes() for c in caches),
         "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, model.embed.weight.dtype),
-        "kept_fraction": 1.0,
+        "kept_fraction": round(kept_fraction(caches), 6),
         "profile_seconds": 0.0,
         "policy": a.policy,
         "stop_reason": stats.stop_reason,
@@ -157,7 +132,6 @@ def run(a) -> int:
         "dtype": a.dtype,
     }
     if on_tokens is not None:
-        report["kept_fraction"] = round(kept_fraction(caches), 6)
         report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)
         report["policies"] = [[policy_name(p) for p in c.policies] for c in caches]
         if a.policy == "auto":
@@ -176,20 +150,7 @@ def run(a) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(sys.argv[1:] if argv is None else argv)
-    sys.path.insert(0, str(ROOT))
-    from tinygen.errors import TinygenError
-
-    try:
-        return run(a)
-    except TinygenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_main(run, a)
 
 
 if __name__ == "__main__":

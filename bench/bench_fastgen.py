@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import load_average, machine_lines, prompt_ids, timed, write_atomic  # noqa: E402
 from tinygen.cache import full_kv_bytes  # noqa: E402
-from tinygen.fastgen.cache import kept_fraction, make_caches  # noqa: E402
+from tinygen.cache import kept_fraction  # noqa: E402
+from tinygen.fastgen.cache import make_caches  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
 from tinygen.generate import decode_step, prefill  # noqa: E402
 from tinygen.loader import load_model  # noqa: E402
@@ -58,7 +59,7 @@ def run_method(model, tok, ids, cfg, segments, steps):
         "prefill_s": prefill_s,
         "profile_s": sum(getattr(c, "profile_seconds", 0.0) for c in caches),
         "decode": statistics.median(rates[1:]),
-        "kept": kept_fraction(caches) if on_tokens else 1.0,
+        "kept": kept_fraction(caches),
         "kv_bytes": sum(c.nbytes() for c in caches),
         "kv_full": full_kv_bytes(cfg_model.n_layers, cfg_model.n_kv_heads, cfg_model.head_dim, length,
                                  model.embed.weight.dtype),

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import DEFAULT_MODEL, ROOT, save_tiny_model
+from conftest import ROOT, save_tiny_model
 from safetensors.torch import load_file, save_file
 
 

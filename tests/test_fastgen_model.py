@@ -4,7 +4,8 @@ import torch
 from conftest import EVAL
 
 from tinygen.cache import full_kv_bytes
-from tinygen.fastgen.cache import fastgen_caches, kept_fraction
+from tinygen.cache import kept_fraction
+from tinygen.fastgen.cache import fastgen_caches
 from tinygen.fastgen.kinds import TokenKinds, vocab_kinds
 from tinygen.fastgen.policy import FREQUENT, FastGenConfig
 from tinygen.generate import decode_step, full_caches, generate, prefill

@@ -15,6 +15,7 @@ from .attention import causal_attention, grouped_decode_attention
 
 class KVCache(Protocol):
     length: int  # tokens seen so far (prompt + generated), not necessarily tokens kept
+    n_kv_heads: int
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Append k, v for T new tokens and attend q to everything the cache keeps.
@@ -26,6 +27,9 @@ class KVCache(Protocol):
 
     def nbytes(self) -> int:
         """Bytes held by this cache's tensors (their storage, not the tokens they represent)."""
+
+    def kept_tokens(self) -> int:
+        """Tokens held, summed over the layer's KV heads (length x n_kv_heads for a full cache)."""
 
 
 def storage_bytes(*tensors: torch.Tensor) -> int:
@@ -51,7 +55,7 @@ class FullCache:
     def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device, dtype: torch.dtype):
         self.k = torch.empty(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
-        self.max_len = max_len
+        self.max_len, self.n_kv_heads = max_len, n_kv_heads
         self.length = 0
 
     def attend(self, q, k, v):
@@ -68,3 +72,11 @@ class FullCache:
 
     def nbytes(self) -> int:
         return storage_bytes(self.k, self.v)
+
+    def kept_tokens(self) -> int:
+        return self.length * self.n_kv_heads
+
+
+def kept_fraction(caches: list[KVCache]) -> float:
+    """Tokens held over tokens a full cache would hold, across layers and KV heads."""
+    return sum(c.kept_tokens() for c in caches) / sum(c.length * c.n_kv_heads for c in caches)

@@ -6,18 +6,13 @@ fixed policies at equal memory, long-context perplexity, and policy-map figures.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from tinygen.cliutil import OneLineParser, read_text, run_main, write_json_atomic, write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_args(argv):
@@ -81,7 +76,7 @@ def run(a) -> int:
     from tinygen.eval.longctx import long_context, long_context_md
     from tinygen.eval.methods import Method
     from tinygen.eval.plots import heatmap, stability, sweep_plot
-    from tinygen.eval.prompts import load_prompts, machine, write_json, write_jsonl
+    from tinygen.eval.prompts import load_prompts, machine, write_jsonl
     from tinygen.eval.sweep import encode_prompts, log, run_methods, summaries, sweep, table
     from tinygen.loader import load_model
     from tinygen.tokenizer import Tokenizer
@@ -89,7 +84,7 @@ def run(a) -> int:
     prompts = load_prompts(a.prompts, a.limit) if a.prompts else None  # bad input fails before the model loads
     text = None
     if a.long_context:
-        text = _read_text(a.long_context)
+        text = read_text(a.long_context)
     out = Path(a.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +115,8 @@ def run(a) -> int:
                 ref = reference_run(model, p["ids"], a.max_new_tokens, tok.eos_ids)
                 results.append(dict(layer_repair(model, tok, ref, method), id=p["id"]))
                 log(f"[diagnose {n}/{len(prompts)}] prompt {p['id']}: KL {results[-1]['kl']:.4f}")
-            write_json(out / f"{stem}_diagnose.json", dict(meta, method=method.to_json(), prompts=results))
-            _write_text(out / f"{stem}_diagnose.md", f"# {stem}: layer repair\n\n`{meta['command']}`\n\n"
+            write_json_atomic(out / f"{stem}_diagnose.json", dict(meta, method=method.to_json(), prompts=results))
+            write_text_atomic(out / f"{stem}_diagnose.md", f"# {stem}: layer repair\n\n`{meta['command']}`\n\n"
                         + repair_table(results))
             print(repair_table(results))
             return 0
@@ -148,49 +143,19 @@ def run(a) -> int:
              f"up to {a.max_new_tokens} new tokens; means over prompts of per-prompt means.\n\n" + table(sums)
         if a.sweep:
             sweep_plot(sums, out / f"{stem}.png", f"{len(prompts)} prompts x {a.max_new_tokens} tokens, {a.dtype}")
-        write_json(out / f"{stem}_summary.json", summary)
-        _write_text(out / f"{stem}.md", md)
+        write_json_atomic(out / f"{stem}_summary.json", summary)
+        write_text_atomic(out / f"{stem}.md", md)
         print(table(sums))
     if text is not None:
         res = long_context(model, tok, text, a.ctx, a.windows, [method], log=log)
-        write_json(out / f"{stem}_long_context.json", dict(meta, **res))
-        _write_text(out / f"{stem}_long_context.md", long_context_md(res))
+        write_json_atomic(out / f"{stem}_long_context.json", dict(meta, **res))
+        write_text_atomic(out / f"{stem}_long_context.md", long_context_md(res))
         print(long_context_md(res))
     return 0
 
 
-def _write_text(path: Path, text: str):
-    from tinygen.eval.prompts import write_atomic
-
-    write_atomic(path, lambda f: f.write(text))
-
-
-def _read_text(path: str) -> str:
-    from tinygen.errors import TinygenError
-
-    try:
-        return Path(path).read_bytes().decode("utf-8")
-    except OSError as e:
-        raise TinygenError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise TinygenError(f"{path} is not UTF-8 text (byte {e.start})") from None
-
-
 def main(argv=None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    from tinygen.errors import TinygenError
-
-    try:
-        return run(a)
-    except TinygenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_main(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import time
 from ..errors import TinygenError
 from ..generate import full_caches
 from ..perplexity import perplexity
-from .methods import Method, build_caches, kept_fraction
+from ..cache import kept_fraction
+from .methods import Method, build_caches
 
 
 def long_context(model, tok, text: str, ctx: int, windows: int, methods: list[Method],

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from ..errors import TinygenError
 from ..fastgen.cache import make_caches
 from ..fastgen.policy import PUNCT, SPECIAL, FastGenConfig, kept_count, parse_policy, policy_name
-from .sinks import SinkWindowCache, sink_window_caches, sink_window_kept
+from .sinks import sink_window_caches, sink_window_kept
 
 SINKS = "sinks"  # the StreamingLLM-style baseline: first N_SINKS tokens + a recent window
 N_SINKS = 4
@@ -62,14 +62,6 @@ def build_caches(model, tok, method: Method, max_len: int):
     if method.policy == SINKS:
         return sink_window_caches(model, max_len, N_SINKS, method.ratio), None
     return make_caches(model, tok, method.fastgen_config(), max_len)
-
-
-def kept_fraction(caches) -> float:
-    """Tokens held over tokens a full cache would hold, across layers and KV heads (1.0 for a full cache)."""
-    if not hasattr(caches[0], "kept_tokens"):
-        return 1.0
-    held = sum(c.kept_tokens() for c in caches)
-    return held / sum(c.length * c.n_kv_heads for c in caches)
 
 
 def policy_names(caches) -> list[list[str]] | None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..cliutil import write_text_atomic
 from ..errors import TinygenError
 
 
@@ -64,24 +65,8 @@ def load_prompts(path: str, limit: int | None = None) -> list[dict]:
     return out[:limit] if limit else out
 
 
-def write_atomic(path: Path, write):
-    """write(file) into a temporary sibling, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data):
-    write_atomic(path, lambda f: (json.dump(data, f, indent=2), f.write("\n")))
-
-
 def write_jsonl(path: Path, rows: list[dict]):
-    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def machine() -> dict:

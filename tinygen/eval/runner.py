@@ -7,7 +7,8 @@ import torch
 
 from ..cache import full_kv_bytes
 from ..generate import decode_step, full_caches, prefill
-from .methods import Method, build_caches, kept_fraction, policy_names
+from ..cache import kept_fraction
+from .methods import Method, build_caches, policy_names
 from .metrics import first_departure, mean, step_metrics
 
 

@@ -114,12 +114,6 @@ def policy_map(caches: list[FastGenCache]) -> str:
     return "policy map (layer: one letter per KV head)\n" + "\n".join(lines) + "\n" + legend
 
 
-def kept_fraction(caches: list[FastGenCache]) -> float:
-    """Tokens held over tokens a full cache would hold, across layers and KV heads."""
-    held = sum(c.kept_tokens() for c in caches)
-    return held / sum(c.length * c.n_kv_heads for c in caches)
-
-
 def make_caches(model, tokenizer, cfg: FastGenConfig, max_len: int):
     """Per-layer caches for `cfg.policy` and the hook that feeds them token ids (None for the full cache).
 

@@ -110,9 +110,10 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
                     (e,) = gone
                     evictable = prev & ~prot & outside
                     assert evictable[e]
-                    if policy & FREQUENT:  # the lowest cumulative score among the evictable leaves
-                        lowest = ref.score[h, :L].masked_fill(~evictable, math.inf).min()
-                        assert ref.score[h, e] <= lowest + 1e-4, (policy, L, e, ref.score[h, e], lowest)
+                    if policy & FREQUENT:  # the lowest mean attention (score / rows that saw it) among the evictable
+                        mean = ref.score[h, :L] / torch.arange(L, 0, -1, dtype=torch.float64)
+                        lowest = mean.masked_fill(~evictable, math.inf).min()
+                        assert mean[e] <= lowest + 1e-6, (policy, L, e, mean[e], lowest)
                     else:  # the oldest (the token that just left the window, or a new unprotected token)
                         assert e == int(evictable.nonzero()[0, 0]), (policy, L, e)
         # physical size: every per-row tensor (K, V, pos, score, any per-row flags) has the same capacity, never
@@ -158,7 +159,7 @@ def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_polic
         kinds = torch.tensor(ref.kinds, dtype=torch.uint8)
         torch.testing.assert_close(cache.recovery.cpu(), recoveries_dense(attn, kinds, cfg), atol=1e-5, rtol=1e-5)
 
-    # prefill residency: protected kinds, the window, and the heaviest of the rest by prompt column sums
+    # prefill residency: protected kinds, the window, and the heaviest of the rest by mean prompt attention
     mask = check_state(cache, ref, L0, cfg, None)
     for h, policy in enumerate(cache.policies):
         w, b, most = expected_budgets(policy, L0, ref.kinds, cfg)
@@ -168,7 +169,8 @@ def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_polic
             keep[L0 - w :] = True
             n = min(b, int((~keep).sum()))
             if n:
-                keep[ref.score[h, :L0].masked_fill(keep, -math.inf).topk(n).indices] = True
+                mean = ref.score[h, :L0] / torch.arange(L0, 0, -1, dtype=torch.float64)
+                keep[mean.masked_fill(keep, -math.inf).topk(n).indices] = True
         assert torch.equal(mask[h], keep), (h, policy)
 
     caps = [s.k.shape[1] for s in cache.stores]

@@ -75,7 +75,8 @@ class FastGenCache:
         return out
 
     def _initial_residency(self, policy, heads, stats, kinds) -> torch.Tensor:
-        """Which prompt tokens each head keeps: protected kinds, the local window, then the heaviest hitters."""
+        """Which prompt tokens each head keeps: protected kinds, the local window, then the heaviest hitters ranked,
+        as during decode, by mean attention (column sum over the L - j rows that saw token j)."""
         L = kinds.shape[0]
         if policy & FULL:
             return torch.ones(len(heads), L, dtype=torch.bool, device=kinds.device)
@@ -84,7 +85,8 @@ class FastGenCache:
         base = base.expand(len(heads), L).clone()
         budget = min(frequent_budget(policy, L, self.cfg), int((~base[0]).sum()))
         if budget:
-            candidates = stats.colsum[heads].masked_fill(base, float("-inf"))
+            seen_by = torch.arange(L, 0, -1, device=kinds.device)
+            candidates = (stats.colsum[heads] / seen_by).masked_fill(base, float("-inf"))
             base.scatter_(1, candidates.topk(budget, dim=1).indices, True)
         return base
 

@@ -119,13 +119,15 @@ class PolicyStore:
         return out
 
     def _evict(self, rows: int, length: int):
-        """Free one row per head: the unprotected token outside the local window with the lowest cumulative score
-        (or, without `frequent`, the oldest such token)."""
+        """Free one row per head: the unprotected token outside the local window with the lowest mean attention
+        since it arrived (cumulative score / the length - pos queries that saw it), or, without `frequent`, the
+        oldest such token. Ranking by the raw cumulative score (notes decision 6) evicts nearly every new token at
+        once, since it competes with prompt tokens that summed a whole prompt's attention: see README."""
         pos = self.pos[:, :rows]
         keep = self.prot[:, :rows]
         if self.policy & LOCAL:
             keep = keep | (pos >= length - window(self.policy, length, self.cfg))
-        key = self.score[:, :rows] if self.score is not None else pos.float()
+        key = self.score[:, :rows] / (length - pos) if self.score is not None else pos.float()
         victim = key.masked_fill(keep, float("inf")).argmin(dim=1)  # (heads,)
         gone = pos.gather(1, victim[:, None]).long()
         byte, bit = gone // 8, (gone % 8).to(torch.uint8)

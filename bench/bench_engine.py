@@ -108,9 +108,7 @@ def bench_dtype(args, dtype: str, ids: list[int]) -> dict:
                   kv_alloc=tg_runs[0]["kv_alloc"],
                   kv_kept=full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, len(ids) + n_new - 1, DTYPES[dtype]),
                   same_tokens=first_difference(tg_runs[0]["tokens"], hf_runs[0]["tokens"]))
-    del tg, hf
-    gc.collect()
-    return result
+    return result  # both models are freed here, before the next dtype loads
 
 
 def first_difference(a: list[int], b: list[int]) -> str:
@@ -162,7 +160,10 @@ def main():
     machine = machine_lines()
     print("\n".join(machine), flush=True)
     ids = prompt_ids(Tokenizer(args.model), args.prompt_tokens)
-    results = [bench_dtype(args, dtype, ids) for dtype in args.dtypes]
+    results = []
+    for dtype in args.dtypes:
+        results.append(bench_dtype(args, dtype, ids))
+        gc.collect()
     rss = max_rss_bytes()
     bw = read_bandwidth_gbs()  # after the runs, so its 1 GiB buffer is not in the max RSS above
     text = report(args, machine, results, bw, rss)

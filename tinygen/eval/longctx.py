@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
+from ..cache import kept_fraction
 from ..errors import TinygenError
 from ..generate import full_caches
 from ..perplexity import perplexity
-from ..cache import kept_fraction
 from .methods import Method, build_caches
 
 

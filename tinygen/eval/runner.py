@@ -5,9 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import full_kv_bytes
+from ..cache import full_kv_bytes, kept_fraction
 from ..generate import decode_step, full_caches, prefill
-from ..cache import kept_fraction
 from .methods import Method, build_caches, policy_names
 from .metrics import first_departure, mean, step_metrics
 

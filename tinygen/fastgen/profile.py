@@ -13,7 +13,7 @@ import time
 import torch
 
 from ..attention import causal_attention
-from .policy import CANDIDATES, FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig, frequent_budget, window
+from .policy import CANDIDATES, FREQUENT, LOCAL, PUNCT, SPECIAL, FastGenConfig, frequent_budget, window
 
 
 class ProfileStats:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from .attention import causal_attention, grouped_decode_attention
+from .kernels import triton_available
 
 
 class KVCache(Protocol):
@@ -49,14 +51,42 @@ def full_kv_bytes(n_layers: int, n_kv_heads: int, head_dim: int, length: int, dt
     return 2 * n_layers * n_kv_heads * length * head_dim * itemsize
 
 
-class FullCache:
-    """Every token of every head: preallocated (n_kv_heads, max_len, head_dim) K and V, written by index."""
+def attention_paths(device: torch.device) -> tuple[str, str]:
+    """(prefill, decode) attention paths for a cache on `device`: the one place where the device decides.
 
-    def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    CUDA: torch SDPA for prefill (flash / memory-efficient kernels) and, where triton is installed, the Triton
+    ragged decode kernel (tinygen/kernels/decode_attention.py). CPU: block-wise float32 prefill and the batched
+    PyTorch decode step (attention.py)."""
+    if torch.device(device).type == "cuda":
+        return "sdpa", "triton" if triton_available() else "torch"
+    return "blocks", "torch"
+
+
+def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention for T new tokens at positions start..start+T-1 through torch SDPA, GQA without repeating
+    K/V. q: (n_heads, T, head_dim), k/v: (n_kv_heads, start+T, head_dim) -> (n_heads, T, head_dim)."""
+    T, L = q.shape[1], k.shape[1]
+    mask = None
+    if start:  # queries see every earlier token and the new ones up to themselves (is_causal aligns top-left)
+        mask = torch.arange(L, device=q.device) <= start + torch.arange(T, device=q.device)[:, None]  # (T, L)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=not start,
+                                          enable_gqa=q.shape[0] != k.shape[0])[0]
+
+
+class FullCache:
+    """Every token of every head: preallocated (n_kv_heads, max_len, head_dim) K and V, written by index.
+
+    For the Triton decode kernel the full cache is the ragged case with equal lengths: row h of the flattened
+    (n_kv_heads * max_len, head_dim) buffers starts at h * max_len and serves query heads h * groups onwards."""
+
+    def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 paths: tuple[str, str] | None = None):
         self.k = torch.empty(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.empty_like(self.k)
         self.max_len, self.n_kv_heads = max_len, n_kv_heads
         self.length = 0
+        self.prefill_path, self.decode_path = paths or attention_paths(self.k.device)
+        self._tables = None  # (lengths, starts, q_first) int32 on the device, made at the first kernel decode
 
     def attend(self, q, k, v):
         T, start = k.shape[1], self.length
@@ -67,8 +97,25 @@ class FullCache:
         keys, values = self.k[:, :end], self.v[:, :end]
         scale = q.shape[-1] ** -0.5
         if T == 1:
+            if self.decode_path == "triton":
+                return self._decode_triton(q, end)
             return grouped_decode_attention(q, keys, values, scale)
+        if self.prefill_path == "sdpa":
+            return sdpa_causal_attention(q, keys, values, start)
         return causal_attention(q, keys, values, start)
+
+    def _decode_triton(self, q: torch.Tensor, end: int) -> torch.Tensor:
+        from .kernels.decode_attention import ragged_decode_attention
+
+        n_heads, _, head_dim = q.shape
+        if self._tables is None:
+            rows = torch.arange(self.n_kv_heads, dtype=torch.int32, device=q.device)
+            self._tables = (torch.empty_like(rows), rows * self.max_len, rows * (n_heads // self.n_kv_heads))
+        lengths, starts, q_first = self._tables
+        lengths.fill_(end)  # a device write, no sync
+        out, _ = ragged_decode_attention(q[:, 0], self.k.view(-1, head_dim), self.v.view(-1, head_dim), lengths,
+                                         starts, q_first, n_heads // self.n_kv_heads, self.max_len)
+        return out.view(n_heads, 1, head_dim)
 
     def nbytes(self) -> int:
         return storage_bytes(self.k, self.v)

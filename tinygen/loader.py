@@ -19,10 +19,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TinygenError("--device cuda: no CUDA GPU is available on this machine (use --device cpu)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise TinygenError(f"unknown device {name!r} (use cpu or cuda)")
+    """'cpu', 'cuda' or 'cuda:N' -> a device that exists here; anything else is a one-line TinygenError."""
+    if name == "cpu":
+        return torch.device("cpu")
+    index = name[5:] if name.startswith("cuda:") else None
+    if name != "cuda" and not (index and index.isdecimal()):
+        raise TinygenError(f"unknown device {name!r} (use cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise TinygenError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu)")
+    count = torch.cuda.device_count()
+    if index is not None and int(index) >= count:
+        raise TinygenError(f"--device {name}: no such GPU, this machine has {count} (cuda:0 to cuda:{count - 1})")
     return torch.device(name)
 
 

@@ -7,7 +7,7 @@ MODEL := weights/SmolLM2-135M-Instruct
 PROMPT ?= What is the capital of France?
 POLICY ?= auto
 
-.PHONY: run test weights bench eval clean setup
+.PHONY: run test weights bench eval clean setup gpu-check
 
 # Answer a prompt with the default model: make run PROMPT="..."
 run: setup weights
@@ -41,6 +41,11 @@ bench: setup weights
 EVAL_ARGS ?= --limit 12 --max-new-tokens 64
 eval: setup weights
 	$(PY) -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --sweep --threads 1 --out bench/results $(EVAL_ARGS)
+
+# On a GPU machine (system python3, no .venv or weights needed): CUDA/Triton tests, then bench/bench_gpu.py
+# (random-weight 1B and 7B shapes at 4k-32k tokens) -> bench/results/gpu_<gpu>.md; about 8 minutes
+gpu-check:
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) weights/.cache $(MODEL)

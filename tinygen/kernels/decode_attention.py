@@ -41,7 +41,7 @@ def _split_bounds(length, split, MAX_SPLITS, BLOCK: tl.constexpr):
     return lo, hi, split_len
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAX_SPLITS"])  # the grid width varies with the capacity: one compile for all
 def _stage1(Q, K, V, lengths, starts, q_first, mid_o, mid_lse, scale, MAX_SPLITS,
             stride_q, stride_k, stride_v, stride_mo_h, stride_mo_s, stride_ml_h,
             GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -90,7 +90,7 @@ def _stage1(Q, K, V, lengths, starts, q_first, mid_o, mid_lse, scale, MAX_SPLITS
         tl.store(mid_lse + heads * stride_ml_h + split, m + tl.log(l), mask=mask_h)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAX_SPLITS"])
 def _stage2(lengths, q_first, mid_o, mid_lse, Out, Lse, MAX_SPLITS,
             stride_mo_h, stride_mo_s, stride_ml_h, stride_o,
             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):

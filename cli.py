@@ -25,6 +25,8 @@ def parse_args(argv):
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout Llama checkpoint directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--quantize", metavar="MODE", default=None, help="weight-only quantization at load time: int8 "
+                   "(per output channel) or int4 (groups of 32; the checkpoint's own Q4_1 blocks when it has them)")
     p.add_argument("--policy", default="auto", help="KV-cache policy: auto (FastGen profiling, default), full, or "
                    "components joined by '+' for every head: special, punct, local, frequent (e.g. local+frequent)")
     p.add_argument("--threshold", type=float, default=0.98, help="FastGen recovery threshold T in (0, 1]")
@@ -79,7 +81,7 @@ def run(a) -> int:
 
     fastgen = FastGenConfig(a.policy, a.threshold, a.local_ratio, a.frequent_ratio)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    model = load_model(a.model, device=device, dtype=a.dtype)
+    model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize)
     cfg = model.cfg
     tok = Tokenizer(a.model, cfg.eos_token_ids)
 
@@ -130,6 +132,7 @@ def run(a) -> int:
         "stop_reason": stats.stop_reason,
         "device": device,
         "dtype": a.dtype,
+        "quantize": a.quantize,
     }
     if on_tokens is not None:
         report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)

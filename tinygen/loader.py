@@ -91,16 +91,20 @@ def _open(path: Path):
         raise TinygenError(f"corrupt or truncated safetensors file {path.name}: {e}") from None
 
 
-def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32") -> Llama:
-    """Load a Llama checkpoint directory onto `device` in `dtype` ("float32", "bfloat16" or "float16")."""
+def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None) -> Llama:
+    """Load a Llama checkpoint directory onto `device` in `dtype` ("float32", "bfloat16" or "float16").
+    quantize: "int8" or "int4" weight-only linear layers (tinygen/quant.py), quantized from the checkpoint's floats."""
     model_dir = Path(model_dir)
     if dtype not in DTYPES:
         raise TinygenError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     dev = resolve_device(device)
+    if quantize is not None:
+        from .quant import check_mode, quantize_model
+        check_mode(quantize, dev)
     cfg = read_config(model_dir)
     where = shard_map(model_dir)
     with torch.device("meta"):
-        model = Llama(cfg).to(DTYPES[dtype])
+        model = Llama(cfg).to(torch.float32 if quantize else DTYPES[dtype])  # quantize from float32
     model.to_empty(device=dev)
     params = dict(model.named_parameters())
     handles = {}
@@ -121,5 +125,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
                     raise TinygenError(f"tensor {src} has shape {tuple(t.shape)}, expected {shape}")
                 param[row : row + shape[0]].copy_(t)
                 row += shape[0]
+    if quantize is not None:
+        quantize_model(model, quantize, model_dir, DTYPES[dtype])
     model.init_rope()
     return model.eval()

@@ -99,5 +99,6 @@ class Llama(nn.Module):
         if last_only:
             x = x[-1:]
         x = self.norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return (x @ head.t()).float()  # (T, vocab)
+        if self.lm_head is None:  # tied to the embedding
+            return (x @ self.embed.weight.t()).float()  # (T, vocab)
+        return self.lm_head(x).float()  # an nn.Linear, or a quantized layer (tinygen/quant.py)

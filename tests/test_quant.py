@@ -1,0 +1,176 @@
+"""Weight-only int8/int4: packed kernels against the dense dequantized reference, Q4_1 blocks mapped exactly, bad input."""
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, save_tiny_model
+from safetensors.torch import load_file, save_file
+
+from tinygen import quant
+from tinygen.errors import TinygenError
+from tinygen.generate import full_caches
+from tinygen.loader import checkpoint_sources, load_model, read_config
+from tinygen.quant import Int4Linear, Int8Linear, dequantize_int4, q4_1_to_int4, quantize_model
+
+sys.path.insert(0, str(ROOT / "weights"))
+from convert import q4_1_blocks  # noqa: E402
+from test_cli import assert_error, cli  # noqa: E402
+
+
+def logits(model, tokens):
+    """Prefill of the first half, then one decode step per token: (len, vocab) float32."""
+    caches, split = full_caches(model, len(tokens)), len(tokens) // 2
+    out = [model(tokens[:split], caches, 0)]
+    out += [model(tokens[i : i + 1], caches, i) for i in range(split, len(tokens))]
+    return torch.cat(out)
+
+
+def reference(model_dir, mode):
+    model = load_model(model_dir, dtype="float32")
+    quantize_model(model, mode, model_dir, torch.float32, reference=True)
+    return model.eval()
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@torch.inference_mode()
+def test_packed_model_matches_dequantized_reference(tiny_model_dir, mode, dtype):
+    tokens = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(1))
+    packed = load_model(tiny_model_dir, dtype=dtype, quantize=mode)
+    kinds = {type(m).__name__ for m in packed.modules()}
+    assert {"Int8Linear", "Int4Linear" if mode == "int4" else "Int8Linear"} <= kinds and "Linear" not in kinds
+    assert packed.embed.weight.dtype == getattr(torch, dtype)
+    ref, plain = logits(reference(tiny_model_dir, mode), tokens), logits(load_model(tiny_model_dir), tokens)
+    got = logits(packed, tokens)
+    # The kernels see bfloat16 activations, the reference float32: a few 1e-3 apart. A wrong scale, row order or
+    # nibble order is O(1); and the quantization itself must be visible against the float model.
+    assert relative_error(got, ref) < 0.02, relative_error(got, ref)
+    assert relative_error(plain, ref) > (1e-3 if mode == "int8" else 1e-2)
+
+
+def test_int8_linear_exact_on_representable_values():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    scale = 2.0 ** -torch.randint(4, 8, (48,), generator=g).float()  # powers of two: every product exact
+    x = torch.randint(-2, 3, (3, 64), generator=g).float()
+    expect = x.double() @ (q.double() * scale.double()[:, None]).t()  # exact in float32 accumulation
+    assert torch.equal(Int8Linear(q, scale)(x), expect.bfloat16().float())  # the kernel's output is bfloat16
+
+
+def test_quantizers_round_to_the_nearest_level():
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0))
+    q, scale = quant.quantize_int8(w)
+    assert q.abs().max() == 127 and ((q.float() * scale[:, None] - w).abs() <= 0.51 * scale[:, None]).all()
+    q, scale, zero = quant.quantize_int4(w)
+    assert q.max() == 15 and q.min() == 0
+    err = (dequantize_int4(q, scale, zero) - w).view(64, 3, 32).abs().amax(-1)
+    assert (err <= 0.51 * scale + zero.abs() * 2**-8).all()
+
+
+def hand_built_blocks(rows, cols, seed=0):
+    """Q4_1 blocks whose d, m (and m + 8d) are exact in bfloat16, so the int4 kernel form loses nothing."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+    d = (2.0 ** -torch.randint(3, 7, (rows, cols // 32), generator=g)).half()
+    m = (torch.randint(-16, 16, (rows, cols // 32), generator=g) / 32).half()
+    return q, d, m
+
+
+def test_q4_1_blocks_map_exactly_onto_int4_groups():
+    q, d, m = hand_built_blocks(32, 128)
+    w = (q.view(32, 4, 32).float() * d.float()[..., None] + m.float()[..., None]).view(32, 128)  # w = d q + m
+    codes, scale, zero = q4_1_to_int4(q, d, m)
+    assert torch.equal(dequantize_int4(codes, scale, zero), w)  # (q - 8) d + (m + 8d)
+    # The packed kernel reproduces the same weights: one-hot rows (exact in bfloat16) read W^T back.
+    eye = torch.eye(128)
+    assert torch.equal(Int4Linear(codes, scale, zero)(eye), w.t())
+
+
+def test_q4_1_block_bytes_parse_like_gguf():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    w = np.random.default_rng(0).standard_normal((16, 96)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType.Q4_1)  # (16, 3 blocks x 20 bytes)
+    packed, d, m = q4_1_blocks(raw, 16, 96)
+    q = quant.unpack_nibbles(torch.from_numpy(packed)).float().view(16, 3, 32)
+    ours = q * torch.from_numpy(d).float()[..., None] + torch.from_numpy(m).float()[..., None]
+    assert torch.equal(ours.view(16, 96), torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1)))
+
+
+def write_q4_1_checkpoint(path):
+    """A tiny checkpoint whose linear weights are hand-built Q4_1 blocks, with q4_1.safetensors beside it."""
+    save_tiny_model(path)
+    cfg, tensors, blocks = read_config(path), load_file(path / "model.safetensors"), {}
+    for sources in checkpoint_sources(cfg).values():
+        for i, (name, shape) in enumerate(sources):
+            if len(shape) == 2 and "embed" not in name and "lm_head" not in name:
+                q, d, m = hand_built_blocks(*shape, seed=len(blocks) + i)
+                tensors[name] = (q.view(shape[0], -1, 32).float() * d.float()[..., None] + m.float()[..., None]).view(shape)
+                base = name.removesuffix(".weight")
+                blocks.update({f"{base}.q": q[:, 0::2] | (q[:, 1::2] << 4), f"{base}.d": d, f"{base}.m": m})
+    save_file(tensors, path / "model.safetensors")
+    save_file(blocks, path / quant.Q4_1_FILE)
+    return tensors
+
+
+@torch.inference_mode()
+def test_int4_from_q4_1_blocks_is_the_checkpoint_itself(tmp_path):
+    tensors = write_q4_1_checkpoint(tmp_path)
+    ref = load_model(tmp_path)
+    assert quantize_model(ref, "int4", tmp_path, torch.float32, reference=True) == "q4_1 blocks"
+    fused = torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])  # rows q | k | v
+    assert torch.equal(ref.layers[1].attn.wqkv.weight, fused)
+    assert torch.equal(ref.layers[2].ffn.w2.weight, tensors["model.layers.2.mlp.down_proj.weight"])
+    tokens = torch.arange(1, 20)
+    plain, packed = logits(load_model(tmp_path), tokens), logits(load_model(tmp_path, quantize="int4"), tokens)
+    assert relative_error(packed, plain) < 0.02  # only the bfloat16 activations and the int8 head differ
+
+
+def test_int4_refuses_shapes_the_kernel_cannot_take(tmp_path):
+    save_tiny_model(tmp_path, hidden_size=48, head_dim=12)
+    with pytest.raises(TinygenError, match=r"layers\.0\.attn\.wqkv is 96x48.*multiples of 32.*--quantize int8"):
+        load_model(tmp_path, quantize="int4")
+    load_model(tmp_path, quantize="int8")  # int8 takes any shape
+
+
+def test_missing_kernel_and_unknown_mode(monkeypatch):
+    with pytest.raises(TinygenError, match="unknown --quantize mode 'int3'"):
+        quant.check_mode("int3", torch.device("cpu"))
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: False)
+    with pytest.raises(TinygenError, match="no _weight_int8pack_mm kernel for cpu.*leave --quantize out"):
+        quant.check_mode("int8", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def chat_model_q(tmp_path_factory, default_model_dir):
+    path = tmp_path_factory.mktemp("tinychat_q")
+    save_tiny_model(path, vocab_size=49152, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+def test_cli_quantized_generation_with_fastgen(chat_model_q, tmp_path):
+    out = tmp_path / "stats.json"
+    r = cli("--model", chat_model_q, "--prompt", "tell me a story", "--quantize", "int4", "--dtype", "bfloat16",
+            "--max-new-tokens", 6, "--ignore-eos", "--stats-json", out)  # --policy auto is the default
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["generated_tokens"] == 6 and stats["quantize"] == "int4" and 0 < stats["kept_fraction"] <= 1
+
+
+def test_cli_bad_quantize_inputs(chat_model_q, tmp_path):
+    assert_error(cli("--model", chat_model_q, "--prompt", "hi", "--quantize", "int3"), 1, "unknown --quantize mode")
+    odd = tmp_path / "odd"
+    shutil.copytree(chat_model_q, odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    save_tiny_model(odd, **{k: cfg[k] for k in ("vocab_size", "max_position_embeddings")}, hidden_size=48, head_dim=12)
+    assert_error(cli("--model", odd, "--prompt", "hi", "--quantize", "int4"), 1, "int4", "multiples of 32", "int8")

@@ -29,9 +29,17 @@ def parse_args(argv):
                    "(per output channel) or int4 (groups of 32; the checkpoint's own Q4_1 blocks when it has them)")
     p.add_argument("--policy", default="auto", help="KV-cache policy: auto (FastGen profiling, default), full, or "
                    "components joined by '+' for every head: special, punct, local, frequent (e.g. local+frequent)")
-    p.add_argument("--threshold", type=float, default=0.98, help="FastGen recovery threshold T in (0, 1]")
-    p.add_argument("--local-ratio", type=float, default=0.3, help="local window as a share of the length, in [0, 1]")
-    p.add_argument("--frequent-ratio", type=float, default=0.3, help="heavy-hitter budget share, in [0, 1]")
+    p.add_argument("--profile", choices=("budget", "paper"), default=None, help="how auto chooses each head's policy: "
+                   "budget (spend --kv-budget where profiling says it matters; the default) or paper (the first of the "
+                   "paper's candidates that recovers --threshold)")
+    p.add_argument("--kv-budget", type=float, default=None, metavar="F", help="auto: keep about this fraction of the "
+                   "KV cache, in (0, 1] (default 0.7)")
+    p.add_argument("--threshold", type=float, default=None, help="auto with the paper's profile: recovery threshold "
+                   "T in (0, 1] (default 0.98; giving it selects --profile paper)")
+    p.add_argument("--local-ratio", type=float, default=None, help="fixed policies and --profile paper: local window "
+                   "as a share of the length, in [0, 1] (default 0.3)")
+    p.add_argument("--frequent-ratio", type=float, default=None, help="fixed policies and --profile paper: "
+                   "heavy-hitter budget share, in [0, 1] (default 0.3)")
     p.add_argument("--system", help="system prompt for the chat template")
     p.add_argument("--no-chat", action="store_true", help="raw completion: no chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -49,11 +57,31 @@ def parse_args(argv):
               (a.top_k >= 0, "--top-k must be >= 0"),
               (0 < a.top_p <= 1, "--top-p must be in (0, 1]"),
               (a.ctx >= 2, "--ctx must be at least 2"),
-              (0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
-              (0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
-              (0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]")]
+              (a.threshold is None or 0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
+              (a.kv_budget is None or 0 < a.kv_budget <= 1, "--kv-budget must be in (0, 1]"),
+              (a.local_ratio is None or 0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
+              (a.frequent_ratio is None or 0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]")]
     for ok, message in checks:
         if not ok:
+            p.error(message)
+    from tinygen.fastgen.policy import FastGenConfig
+
+    if a.profile is None:
+        a.profile = "paper" if a.threshold is not None else FastGenConfig.profile
+    budgeted = a.policy == "auto" and a.profile == "budget"
+    conflicts = [(a.kv_budget is not None and a.policy != "auto", "--kv-budget is for --policy auto; a fixed policy "
+                  "takes --local-ratio / --frequent-ratio"),
+                 (a.kv_budget is not None and a.threshold is not None, "give --kv-budget (budget profile) or "
+                  "--threshold (paper profile), not both"),
+                 (a.kv_budget is not None and a.profile == "paper", "--kv-budget is for --profile budget; the paper's "
+                  "profile takes --threshold"),
+                 (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile "
+                  "takes --kv-budget"),
+                 (budgeted and (a.local_ratio is not None or a.frequent_ratio is not None), "--local-ratio and "
+                  "--frequent-ratio are for fixed policies and --profile paper; the budget profile chooses them per "
+                  "head")]
+    for bad, message in conflicts:
+        if bad:
             p.error(message)
     from tinygen.errors import TinygenError
     from tinygen.fastgen.policy import parse_policy
@@ -72,14 +100,16 @@ def run(a) -> int:
     from tinygen.cache import full_kv_bytes
     from tinygen.cache import kept_fraction
     from tinygen.fastgen.cache import make_caches, policy_map
-    from tinygen.fastgen.policy import FastGenConfig, policy_name
+    from tinygen.fastgen.policy import FastGenConfig
     from tinygen.generate import GenerationStats, generate
     from tinygen.loader import load_model
     from tinygen.perplexity import perplexity
     from tinygen.sampling import SamplingParams
     from tinygen.tokenizer import StreamDecoder, Tokenizer
 
-    fastgen = FastGenConfig(a.policy, a.threshold, a.local_ratio, a.frequent_ratio)
+    given = {"kv_budget": a.kv_budget, "threshold": a.threshold, "local_ratio": a.local_ratio,
+             "frequent_ratio": a.frequent_ratio}
+    fastgen = FastGenConfig(a.policy, a.profile, **{k: x for k, x in given.items() if x is not None})
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize)
     cfg = model.cfg
@@ -129,6 +159,8 @@ def run(a) -> int:
         "kept_fraction": round(kept_fraction(caches), 6),
         "profile_seconds": 0.0,
         "policy": a.policy,
+        "profile": a.profile if a.policy == "auto" else None,
+        "kv_budget": fastgen.kv_budget if fastgen.budgeted else None,
         "stop_reason": stats.stop_reason,
         "device": device,
         "dtype": a.dtype,
@@ -136,7 +168,7 @@ def run(a) -> int:
     }
     if on_tokens is not None:
         report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)
-        report["policies"] = [[policy_name(p) for p in c.policies] for c in caches]
+        report["policies"] = [c.head_names() for c in caches]
         if a.policy == "auto":
             print(policy_map(caches), file=sys.stderr)
     if stats.stop_reason == "context":

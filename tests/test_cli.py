@@ -154,3 +154,31 @@ def test_ctrl_c_keeps_text_prints_stats_exits_130(default_model_dir):
     assert p.returncode == 130, err
     assert len(first + rest) > 20 and "Traceback" not in err
     assert "stop: interrupted" in err and "generated" in err
+
+
+def test_budget_profile_keeps_about_kv_budget_and_maps_each_head(chat_model, tmp_path):
+    out = tmp_path / "stats.json"
+    r = cli("--model", chat_model, "--prompt", "tell me a long story about a dragon", "--max-new-tokens", 12,
+            "--ignore-eos", "--profile", "budget", "--kv-budget", "0.5", "--stats-json", out)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["profile"] == "budget" and stats["kv_budget"] == 0.5
+    assert abs(stats["kept_fraction"] - 0.5) <= 0.05  # a ~40-token prompt: ceilings are coarse
+    names = [p for layer in stats["policies"] for p in layer]
+    assert all(n == "full" or n.startswith(("frequent r_l=0 ", "local+frequent r_l=")) for n in names), names
+    assert "kept share" in r.stderr and "fNN = frequent" in r.stderr
+    assert stats["kv_bytes"] < stats["kv_bytes_full"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
+    (["--kv-budget", "1.5"], "--kv-budget must be in (0, 1]"),
+    (["--kv-budget", "0.5", "--policy", "local+frequent"], "--kv-budget is for --policy auto"),
+    (["--kv-budget", "0.5", "--threshold", "0.9"], "not both"),
+    (["--kv-budget", "0.5", "--profile", "paper"], "--kv-budget is for --profile budget"),
+    (["--profile", "budget", "--threshold", "0.9"], "--threshold is for --profile paper"),
+    (["--profile", "budget", "--local-ratio", "0.2"], "chooses them per head"),
+    (["--profile", "greedy"], "--profile"),
+])
+def test_budget_flags_bad_input(chat_model, args, fragment):
+    assert_error(cli("--model", chat_model, "--prompt", "hi", *args), 2, fragment)

@@ -206,8 +206,8 @@ def test_end_to_end_on_the_real_model(default_model_dir, tmp_path):
     summary = json.loads((out / "eval_auto_summary.json").read_text())
     assert summary["dtype"] == "float32" and summary["machine"]["cpu_count"] and summary["max_new_tokens"] == 8
     (m,) = summary["methods"]
-    assert m["method"] == {"policy": "auto", "label": "auto T=0.95", "threshold": 0.95, "local_ratio": 0.3,
-                           "frequent_ratio": 0.3}
+    assert m["method"] == {"policy": "auto", "label": "auto T=0.95", "profile": "paper", "threshold": 0.95,
+                           "local_ratio": 0.3, "frequent_ratio": 0.3}
     assert m["summary"]["prompts"] == 2 and 0 < m["summary"]["kept_fraction"]["mean"] < 1
     assert (out / "eval_auto.md").read_text().count("| auto T=0.95 |") == 1
     assert (out / "eval_auto_policy_heatmap.png").stat().st_size > 1000
@@ -221,15 +221,17 @@ def test_table_plot_and_stability_on_constructed_results(tmp_path):
     def summ(policy, kept, agree, kl, **m):
         s = dict(kept_fraction=kept, agreement=agree, kl=kl, ll_drop=0.01, first_departure=5, kv_bytes=2**20)
         s = {k: {"mean": v, "median": v} for k, v in s.items()}
-        label = f"auto T={m['threshold']:g}" if policy == "auto" else f"{policy} r=0.300"
+        label = f"auto T={m.get('threshold', 0):g}" if policy == "auto" else f"{policy} r=0.300"
         return {"method": dict(policy=policy, label=label, **m), "summary": dict(s, never_departs=0.5)}
 
     sums = [summ("auto", 0.6, 0.9, 0.05, threshold=0.95), summ("auto", 0.7, 0.95, 0.01, threshold=0.98),
-            summ("local", 0.6, 0.5, 1.0, matched_to_threshold=0.95),
-            summ("local", 0.7, 0.6, 0.8, matched_to_threshold=0.98)]
+            summ("auto", 0.66, 0.93, 0.02, kv_budget=0.65, profile="budget"),
+            summ("local", 0.66, 0.5, 1.0, matched_to_budget=0.65)]
+    sums[2]["method"]["label"] = "auto budget=0.65"
     md = table(sums).splitlines()
-    assert len(md) == 6 and md[2].startswith("| T=0.95 | auto T=0.95 | 0.600 | 0.900 / 0.900 | 0.0500")
-    assert md[3].startswith("| T=0.95 | local r=0.300 |")
+    assert len(md) == 6 and md[2].startswith("| budget=0.65 | auto budget=0.65 | 0.660 | 0.930 / 0.930 | 0.0200")
+    assert md[3].startswith("| budget=0.65 | local r=0.300 |")
+    assert md[4].startswith("| T=0.95 | auto T=0.95 | 0.600 | 0.900 / 0.900 | 0.0500")
     sweep_plot(sums, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
     a, b = "special+punct+frequent+local", "full"

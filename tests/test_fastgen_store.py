@@ -12,8 +12,8 @@ from tinygen.attention import dense_attention
 from tinygen.cache import FullCache
 from tinygen.fastgen.cache import FastGenCache
 from tinygen.fastgen.kinds import TokenKinds
-from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
-from tinygen.fastgen.profile import choose_policies, recoveries_dense
+from tinygen.fastgen.policy import CANDIDATES, FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
+from tinygen.fastgen.profile import recoveries_dense
 
 N_HEADS, N_KV, HD = 8, 4, 8
 GROUPS = N_HEADS // N_KV
@@ -68,7 +68,7 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
     for s in cache.stores:
         policy, heads = s.policy, s.kv_index.cpu().tolist()
         assert all(cache.policies[h] == policy for h in heads)
-        w, b, most = expected_budgets(policy, L, ref.kinds, cfg)
+        w, b, most = expected_budgets(policy, L, ref.kinds, s.cfg)  # a store's own ratios (budget profile: per head)
         protect = policy & (SPECIAL | PUNCT)
         prot = (kinds & protect) != 0
         outside = torch.arange(L) < L - w
@@ -82,7 +82,7 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
             assert s.kept == min(int(before[heads[0]].sum()), most), (policy, L)
         # the rows: positions in use are exactly the set bits, and hold that token's K, V (and score)
         rows = list(range(s.kept + 1 if s.hole else s.kept))
-        assert s.k.shape[1] <= min(s.max_len, s.kept + growth_rows(s.kept, cfg))
+        assert s.k.shape[1] <= min(s.max_len, s.kept + growth_rows(s.kept, s.cfg))
         for i, h in enumerate(heads):
             r = [x for x in rows if not (s.hole and x == int(s.free[i]))]
             assert len(r) == s.kept
@@ -126,7 +126,7 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
         row_bytes = sum(t.untyped_storage().nbytes() for t in row_tensors) // (len(heads) * cap)
         kv_bytes = 2 * HD * s.k.element_size()
         assert kv_bytes <= row_bytes <= kv_bytes + 4 + (4 if policy & FREQUENT else 0) + 1, (policy, row_bytes)
-        bound += len(heads) * (s.kept + growth_rows(s.kept, cfg)) * row_bytes
+        bound += len(heads) * (s.kept + growth_rows(s.kept, s.cfg)) * row_bytes
     assert total_bytes - fixed_bytes <= bound
     return mask
 
@@ -153,25 +153,36 @@ def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_polic
     ref.K[:, :L0], ref.V[:, :L0] = k, v
     attn = probs.view(N_KV, GROUPS, L0, L0).mean(1).cpu()
     ref.score[:, :L0] = attn.sum(1).double()
+    seen = torch.arange(L0, 0, -1, dtype=torch.float64)  # rows that saw each prompt token
+    if cfg.budgeted:  # ranked by the mean over the observation window's rows; scores start at that mean x seen
+        first = L0 - min(cfg.observation, L0)
+        ref.score[:, :L0] = attn[:, first:].sum(1).double() / (L0 - torch.arange(L0).clamp(min=first)) * seen
     if expect_policies is not None:
         assert cache.policies == list(expect_policies)
-    if cfg.fixed_policy is None:
+    if cfg.fixed_policy is None and not cfg.budgeted:
         kinds = torch.tensor(ref.kinds, dtype=torch.uint8)
         torch.testing.assert_close(cache.recovery.cpu(), recoveries_dense(attn, kinds, cfg), atol=1e-5, rtol=1e-5)
 
     # prefill residency: protected kinds, the window, and the heaviest of the rest by mean prompt attention
     mask = check_state(cache, ref, L0, cfg, None)
+    head_cfg = {h: s.cfg for s in cache.stores for h in s.kv_index.tolist()}
     for h, policy in enumerate(cache.policies):
-        w, b, most = expected_budgets(policy, L0, ref.kinds, cfg)
+        w, b, most = expected_budgets(policy, L0, ref.kinds, head_cfg[h])
         keep = torch.ones(L0, dtype=torch.bool)
         if not policy & FULL:
             keep = (torch.tensor(ref.kinds) & policy & (SPECIAL | PUNCT)) != 0
             keep[L0 - w :] = True
             n = min(b, int((~keep).sum()))
             if n:
-                mean = ref.score[h, :L0] / torch.arange(L0, 0, -1, dtype=torch.float64)
-                keep[mean.masked_fill(keep, -math.inf).topk(n).indices] = True
+                paper = cfg.fixed_policy is None and not cfg.budgeted  # Eq. 1's set: the largest column sums
+                rank = ref.score[h, :L0] if paper else ref.score[h, :L0] / seen
+                keep[rank.masked_fill(keep, -math.inf).topk(n).indices] = True
         assert torch.equal(mask[h], keep), (h, policy)
+        if cfg.fixed_policy is None and not cfg.budgeted and policy in CANDIDATES and not policy & (LOCAL | FULL):
+            # what the head stores recovers exactly what its profile chose it for (a windowed candidate's recovery
+            # counts each row's own window, which no fixed set of tokens equals)
+            stored = float(attn[h][:, mask[h]].sum()) / L0
+            assert stored == pytest.approx(float(cache.recovery[h, CANDIDATES.index(policy)]), abs=1e-5)
 
     caps = [s.k.shape[1] for s in cache.stores]
     for step in range(steps):
@@ -229,7 +240,7 @@ def one_thread():
 def test_mixed_policies_300_steps(device, mix, force_policies):
     policies, (r_l, r_f) = MIXED[mix]
     force_policies(policies)
-    cfg = FastGenConfig(policy="auto", local_ratio=r_l, frequent_ratio=r_f, growth_block=4)
+    cfg = FastGenConfig(policy="auto", profile="paper", local_ratio=r_l, frequent_ratio=r_f, growth_block=4)
     cache, ref = run(cfg, device, steps=300, seed=len(mix), expect_policies=policies)
     assert len(cache.stores) == len(set(policies))
     assert ref.grew > 0, "stores grew during decoding"
@@ -243,7 +254,7 @@ def test_mixed_policies_300_steps(device, mix, force_policies):
 @pytest.mark.parametrize("ratios", [(0.5, 0.05), (0.0, 0.0), (1.0, 1.0)])
 def test_mixed_policies_extreme_ratios(device, ratios, force_policies):
     force_policies([LOCAL, FREQUENT, SPFL, SPECIAL])
-    cfg = FastGenConfig(local_ratio=ratios[0], frequent_ratio=ratios[1], growth_block=3)
+    cfg = FastGenConfig(profile="paper", local_ratio=ratios[0], frequent_ratio=ratios[1], growth_block=3)
     cache, _ = run(cfg, device, steps=100, seed=7)
     kept = {s.policy: s.kept for s in cache.stores}
     L = cache.length
@@ -272,10 +283,9 @@ def test_auto_policies_follow_profile(device, threshold, expected):
     """Unpatched auto: recoveries equal the dense reference (checked in run) and each head gets the first candidate
     reaching T. This seed's recoveries (rows: KV heads; S, SP, SPF, SPFL, full):
     [.252 .325 .814 .950 1], [.228 .311 .875 .975 1], [.180 .273 .836 .958 1], [.170 .243 .835 .954 1]."""
-    cfg = FastGenConfig(threshold=threshold, growth_block=4)
+    cfg = FastGenConfig(profile="paper", threshold=threshold, growth_block=4)
     cache, _ = run(cfg, device, steps=40, seed=11)
     assert cache.policies == expected
-    assert cache.policies == choose_policies(cache.recovery.cpu(), threshold)
 
 
 @pytest.mark.parametrize("device", DEVICES)

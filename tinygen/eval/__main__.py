@@ -21,13 +21,19 @@ def parse_args(argv):
     p.add_argument("--long-context", metavar="FILE", help="UTF-8 text for long-context perplexity")
     p.add_argument("--limit", type=int, help="use the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--sweep", action="store_true", help="auto at T = 0.90/0.95/0.98/0.99 and the fixed policies "
-                   "(local, frequent, local+frequent, sinks) at auto's kept fraction")
+    p.add_argument("--sweep", action="store_true", help="auto's budget profile at kept 0.55/0.65/0.70/0.80, the fixed "
+                   "policies (local, frequent, local+frequent, sinks) at each of its kept fractions, and the paper's "
+                   "auto at T = 0.90/0.95/0.98/0.99")
     p.add_argument("--policy", default="auto", help="without --sweep: auto, a fixed policy (e.g. local+frequent) or "
                    "sinks (first 4 tokens + recent window of local-ratio x length)")
-    p.add_argument("--threshold", type=float, default=0.98, help="FastGen recovery threshold T in (0, 1]")
-    p.add_argument("--local-ratio", type=float, default=0.3, help="r_l in [0, 1]")
-    p.add_argument("--frequent-ratio", type=float, default=0.3, help="r_f in [0, 1]")
+    p.add_argument("--profile", choices=("budget", "paper"), default=None, help="how auto chooses: budget (default) "
+                   "or paper")
+    p.add_argument("--kv-budget", type=float, default=None, metavar="F", help="auto, budget profile: kept fraction "
+                   "in (0, 1] (default 0.7)")
+    p.add_argument("--threshold", type=float, default=None, help="auto, paper profile: recovery threshold T in "
+                   "(0, 1] (default 0.98; giving it selects --profile paper)")
+    p.add_argument("--local-ratio", type=float, default=0.3, help="r_l in [0, 1] (fixed policies, paper profile)")
+    p.add_argument("--frequent-ratio", type=float, default=0.3, help="r_f in [0, 1] (fixed policies, paper profile)")
     p.add_argument("--free-run", action="store_true", help="also decode each compressed cache freely to find where "
                    "it departs (by default that index is read off the teacher-forced run, which is equivalent)")
     p.add_argument("--diagnose", action="store_true", help="with auto: per layer, how much of the fidelity gap a "
@@ -45,7 +51,15 @@ def parse_args(argv):
     checks = [(a.prompts or a.long_context, "give --prompts FILE and/or --long-context FILE"),
               (a.limit is None or a.limit >= 1, "--limit must be at least 1"),
               (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-              (0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
+              (a.threshold is None or 0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
+              (a.kv_budget is None or 0 < a.kv_budget <= 1, "--kv-budget must be in (0, 1]"),
+              (a.kv_budget is None or a.threshold is None, "give --kv-budget (budget profile) or --threshold (paper "
+               "profile), not both"),
+              (a.kv_budget is None or a.policy == "auto", "--kv-budget is for --policy auto"),
+              (not (a.kv_budget is not None and a.profile == "paper"), "--kv-budget is for --profile budget; the "
+               "paper's profile takes --threshold"),
+              (not (a.threshold is not None and a.profile == "budget"), "--threshold is for --profile paper; the "
+               "budget profile takes --kv-budget"),
               (0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
               (0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]"),
               (a.ctx >= 2, "--ctx must be at least 2"),
@@ -60,6 +74,12 @@ def parse_args(argv):
     sys.path.insert(0, str(ROOT))
     from tinygen.errors import TinygenError
     from tinygen.eval.methods import check_policy
+    from tinygen.fastgen.policy import FastGenConfig
+
+    if a.profile is None:
+        a.profile = "paper" if a.threshold is not None else FastGenConfig.profile
+    a.threshold = FastGenConfig.threshold if a.threshold is None else a.threshold
+    a.kv_budget = FastGenConfig.kv_budget if a.kv_budget is None else a.kv_budget
 
     try:
         check_policy(a.policy)
@@ -96,7 +116,7 @@ def run(a) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = load_model(a.model, device=device, dtype=a.dtype)
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio)
+    method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio, profile=a.profile, kv_budget=a.kv_budget)
     stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
             "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
@@ -129,8 +149,8 @@ def run(a) -> int:
         sums = summaries(records)
         write_jsonl(out / f"{stem}_prompts.jsonl", records)
         summary = dict(meta, methods=sums)
-        autos = [r for r in records if r["method"]["policy"] == "auto"]
-        if autos:
+        autos = [r for r in records if r["method"]["policy"] == "auto" and r["method"]["profile"] == "paper"]
+        if autos:  # the paper profile's policy maps (the budget profile's are in the records)
             t = min({r["method"]["threshold"] for r in autos}, key=lambda x: abs(x - 0.98))
             maps = [r for r in autos if r["method"]["threshold"] == t]
             figs = "eval" if stem == "eval_sweep" else stem  # eval_policy_heatmap.png beside eval_sweep.png

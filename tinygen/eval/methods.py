@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from ..errors import TinygenError
 from ..fastgen.cache import make_caches
-from ..fastgen.policy import PUNCT, SPECIAL, FastGenConfig, kept_count, parse_policy, policy_name
+from ..fastgen.policy import PUNCT, SPECIAL, FastGenConfig, kept_count, parse_policy
 from .sinks import sink_window_caches, sink_window_kept
 
 SINKS = "sinks"  # the StreamingLLM-style baseline: first N_SINKS tokens + a recent window
@@ -21,7 +21,14 @@ class Method:
     threshold: float = 0.98
     local_ratio: float = 0.3
     frequent_ratio: float = 0.3
-    matched_to: float | None = field(default=None, compare=False)  # the auto threshold whose kept fraction it matches
+    matched_to: float | None = field(default=None, compare=False)  # the kv_budget whose kept fraction it matches
+    profile: str = "paper"  # auto only: "paper" (threshold) or "budget" (kv_budget)
+    kv_budget: float = 0.7
+
+    @property
+    def point(self) -> float:
+        """What identifies an auto run in a sweep: its kv_budget or its threshold."""
+        return self.kv_budget if self.profile == "budget" else self.threshold
 
     @property
     def ratio(self) -> float:
@@ -30,20 +37,24 @@ class Method:
     @property
     def label(self) -> str:
         if self.policy == "auto":
-            return f"auto T={self.threshold:g}"
+            return f"auto budget={self.kv_budget:g}" if self.profile == "budget" else f"auto T={self.threshold:g}"
         if self.policy == "full":
             return "full"
         return f"{self.policy} r={self.ratio:.3f}"
 
     def fastgen_config(self) -> FastGenConfig:
-        return FastGenConfig(self.policy, self.threshold, self.local_ratio, self.frequent_ratio)
+        return FastGenConfig(self.policy, self.profile, self.kv_budget, threshold=self.threshold,
+                             local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
 
     def to_json(self) -> dict:
         d = {"policy": self.policy, "label": self.label}
-        if self.policy == "auto":
-            d.update(threshold=self.threshold, local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
+        if self.policy == "auto" and self.profile == "budget":
+            d.update(profile="budget", kv_budget=self.kv_budget)
+        elif self.policy == "auto":
+            d.update(profile="paper", threshold=self.threshold, local_ratio=self.local_ratio,
+                     frequent_ratio=self.frequent_ratio)
         elif self.policy != "full":
-            d.update(ratio=self.ratio, matched_to_threshold=self.matched_to)
+            d.update(ratio=self.ratio, matched_to_budget=self.matched_to)
         return d
 
 
@@ -68,7 +79,7 @@ def policy_names(caches) -> list[list[str]] | None:
     """Per layer, per KV head policy names (FastGen caches only)."""
     if not hasattr(caches[0], "policies"):
         return None
-    return [[policy_name(p) for p in c.policies] for c in caches]
+    return [c.head_names() for c in caches]
 
 
 def predicted_kept(policy: str, ratio: float, prompt_len: int, end_len: int) -> float:

@@ -34,20 +34,21 @@ def _save(fig, path: Path):
 
 
 def sweep_plot(sums: list[dict], path: Path, title: str = ""):
-    """Top-1 agreement and KL against kept fraction, one line per method family (auto, each fixed policy)."""
+    """Top-1 agreement and KL against kept fraction, one line per method family (auto's budget profile, the paper's
+    auto, each fixed policy)."""
     plt = _plt()
     lines: dict[str, list] = {}
     for s in sums:
-        x = s["summary"]
-        lines.setdefault(s["method"]["policy"], []).append(
-            (x["kept_fraction"]["mean"], x["agreement"]["mean"], x["kl"]["mean"], s["method"]))
+        x, m = s["summary"], s["method"]
+        name = f"auto ({m.get('profile', 'paper')})" if m["policy"] == "auto" else m["policy"]
+        lines.setdefault(name, []).append((x["kept_fraction"]["mean"], x["agreement"]["mean"], x["kl"]["mean"], m))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, pts in lines.items():
         pts.sort(key=lambda p: p[0])
-        style = dict(marker="o", lw=2.5 if name == "auto" else 1.3, label=name)
+        style = dict(marker="o", lw=2.5 if name == "auto (budget)" else 1.3, label=name)
         a1.plot([p[0] for p in pts], [p[1] for p in pts], **style)
         a2.plot([p[0] for p in pts], [p[2] for p in pts], **style)
-        if name == "auto":
+        if name == "auto (paper)":
             for p in pts:
                 a1.annotate(f"T={p[3]['threshold']:g}", (p[0], p[1]), textcoords="offset points", xytext=(4, -10),
                             fontsize=7)

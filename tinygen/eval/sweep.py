@@ -9,7 +9,8 @@ from .methods import FIXED, Method, match_ratio, with_ratio
 from .metrics import summarize
 from .runner import evaluate, reference_run
 
-THRESHOLDS = (0.90, 0.95, 0.98, 0.99)
+THRESHOLDS = (0.90, 0.95, 0.98, 0.99)  # the paper profile's points
+KV_BUDGETS = (0.55, 0.65, 0.70, 0.80)  # the budget profile's points
 
 
 def log(msg: str):
@@ -56,43 +57,52 @@ def summaries(records: list[dict]) -> list[dict]:
     return out
 
 
-def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRESHOLDS, fixed=FIXED,
-          local_ratio: float = 0.3, frequent_ratio: float = 0.3, run_free: bool = False):
-    """auto at each threshold, then each fixed policy with its ratio matched to auto's mean kept fraction there.
+def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRESHOLDS, kv_budgets=KV_BUDGETS,
+          fixed=FIXED, local_ratio: float = 0.3, frequent_ratio: float = 0.3, run_free: bool = False):
+    """auto (budget profile) at each kv_budget and the paper's auto at each threshold, then each fixed policy with its
+    ratio matched to the budget profile's mean kept fraction at each point.
 
     Two passes over the prompts (the reference is recomputed, and checked identical, rather than held for every
     prompt): pass 1 runs auto and records each run's lengths; the matching needs nothing else, because a fixed policy
     without special/punct keeps a number of tokens that depends only on the ratio and the lengths."""
-    autos = [Method("auto", t, local_ratio, frequent_ratio) for t in thresholds]
-    records = run_methods(model, tok, prompts, autos, max_new_tokens, run_free, "auto ")
+    budgets = [Method("auto", profile="budget", kv_budget=b) for b in kv_budgets]
+    papers = [Method("auto", t, local_ratio, frequent_ratio, profile="paper") for t in thresholds]
+    records = run_methods(model, tok, prompts, budgets + papers, max_new_tokens, run_free, "auto ")
     lengths = {}
     for r in records:  # (prompt length, length at the end) of each prompt, the same for every threshold
         lengths[r["id"]] = (r["prompt_tokens"], r["length"])
     matching, fixed_methods = [], []
-    for m in autos:
+    for m in budgets:
         target = summarize([r for r in records if r["method"]["label"] == m.label])["kept_fraction"]["mean"]
         for policy in fixed:
             ratio = match_ratio(policy, list(lengths.values()), target)
-            fixed_methods.append(with_ratio(policy, ratio, m.threshold))
-            matching.append({"threshold": m.threshold, "policy": policy, "target_kept": target, "ratio": ratio})
-    log("matched ratios: " + ", ".join(f"{x['policy']}@{x['threshold']:g}={x['ratio']:.4f}" for x in matching))
+            fixed_methods.append(with_ratio(policy, ratio, m.kv_budget))
+            matching.append({"kv_budget": m.kv_budget, "policy": policy, "target_kept": target, "ratio": ratio})
+    log("matched ratios: " + ", ".join(f"{x['policy']}@{x['kv_budget']:g}={x['ratio']:.4f}" for x in matching))
     records += run_methods(model, tok, prompts, fixed_methods, max_new_tokens, run_free, "fixed ")
     return records, matching
 
 
 def table(sums: list[dict]) -> str:
     """Markdown: one row per method, grouped by the auto threshold each fixed policy is matched to."""
-    head = ("| matched to | method | kept fraction | top-1 agreement (mean / median) | KL nats (mean / median) | "
+    head = ("| group | method | kept fraction | top-1 agreement (mean / median) | KL nats (mean / median) | "
             "log-lik drop | first departure (median) | never departs | KV MiB (physical) |\n"
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+
+    def group(m) -> str:
+        """Budget-profile points with the fixed policies matched to them; then the paper profile's points."""
+        if m.get("kv_budget") is not None or m.get("matched_to_budget") is not None:
+            return f"budget={m.get('kv_budget', m.get('matched_to_budget')):g}"
+        t = m.get("threshold", m.get("matched_to_threshold"))
+        return "" if t is None else f"T={t:g}"
+
     def key(s):
         m = s["method"]
-        return (m.get("threshold", m.get("matched_to_threshold")) or 9, m["policy"] != "auto", m["label"])
+        return (group(m)[0:1] != "b", group(m) or "~", m["policy"] != "auto", m["label"])
     rows = []
     for s in sorted(sums, key=key):
         m, x = s["method"], s["summary"]
-        t = m.get("threshold", m.get("matched_to_threshold"))
-        rows.append(f"| {'' if t is None else f'T={t:g}'} | {m['label']} | {x['kept_fraction']['mean']:.3f} | "
+        rows.append(f"| {group(m)} | {m['label']} | {x['kept_fraction']['mean']:.3f} | "
                     f"{x['agreement']['mean']:.3f} / {x['agreement']['median']:.3f} | "
                     f"{x['kl']['mean']:.4f} / {x['kl']['median']:.4f} | {x['ll_drop']['mean']:.4f} | "
                     f"{x['first_departure']['median']:.0f} | {x['never_departs']:.2f} | "

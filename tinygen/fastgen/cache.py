@@ -2,30 +2,43 @@
 
 It implements the same `attend(q, k, v)` / `nbytes()` interface as the full cache, so the model does not know
 which cache it runs with. Prefill attends over the whole prompt (block by block, collecting the profile), picks
-each KV head's policy, and keeps the chosen rows in one `PolicyStore` per policy; the prompt's full K/V of the
-layer is then dropped. Each decode step runs one batched attention per policy present in the layer.
+each KV head's policy, and keeps the chosen rows in one `PolicyStore` per policy (and set of ratios); the prompt's
+full K/V of the layer is then dropped. Each decode step runs one batched attention per store of the layer.
+
+With the paper's profile a layer compresses right after its own prefill, so only one layer's full K/V exists at a
+time. The budget profile allocates across the whole model, so every layer holds its prompt K/V (no more than a full
+cache of the prompt) until the last layer's prefill, when the shared `BudgetPlanner` compresses them all.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
 
 from ..cache import storage_bytes
 from .kinds import TokenKinds
-from .policy import FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, protected_kinds, window
+from .budget import BudgetPlanner, Option, rank_key
+from .policy import (FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, policy_name, protected_kinds,
+                     window)
 from .profile import ProfileStats, choose_policies, profiled_attention, recoveries
 from .store import PolicyStore
 
 
 class FastGenCache:
     def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, max_len: int, kinds: TokenKinds,
-                 cfg: FastGenConfig):
+                 cfg: FastGenConfig, planner: BudgetPlanner | None = None):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.max_len, self.kinds, self.cfg = max_len, kinds, cfg
+        if cfg.budgeted and planner is None:
+            planner = BudgetPlanner(1, cfg.kv_budget, cfg.head_floor)  # a lone layer spends the budget on its own heads
+        self.planner = planner
         self.length = 0
         self.policies: list[int] = []  # per KV head, set at prefill
-        self.recovery: torch.Tensor | None = None  # (n_kv_heads, candidates), set at prefill with policy auto
+        self.options: list[Option] | None = None  # per KV head, with the budget profile
+        self.recovery: torch.Tensor | None = None  # (n_kv_heads, candidates), set at prefill with the paper profile
+        self.stats: ProfileStats | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt K/V awaiting the budget planner
         self.stores: list[PolicyStore] = []
         self.profile_seconds = 0.0
 
@@ -34,6 +47,8 @@ class FastGenCache:
         if self.length == 0:
             return self._prefill(q, k, v)
         assert T == 1, "FastGenCache takes the prompt in one prefill, then one token per step"
+        if self.pending is not None:  # some layer never reached the planner (e.g. a layer swapped for a full cache)
+            self.planner.plan()
         self.length += 1
         assert self.length <= self.max_len, f"cache full: {self.length} > {self.max_len}"
         if len(self.stores) == 1:
@@ -46,6 +61,14 @@ class FastGenCache:
     def _prefill(self, q, k, v):
         L = k.shape[1]
         assert len(self.kinds) >= L, "feed the prompt's tokens to TokenKinds before prefill"
+        if self.cfg.budgeted:
+            # Only the observation window's attention is needed (window=L: no local-window sums).
+            self.stats = ProfileStats(self.n_kv_heads, L, L, q.device, self.cfg.observation)
+            out = profiled_attention(q, k, v, self.stats)
+            self.length = L
+            self.pending = (k.contiguous(), v.contiguous())  # (n_kv_heads, L, head_dim), not views of qkv
+            self.planner.register(self)
+            return out
         fixed = self.cfg.fixed_policy
         need_stats = fixed is None or bool(fixed & FREQUENT)
         stats = ProfileStats(self.n_kv_heads, L, window(LOCAL, L, self.cfg), q.device) if need_stats else None
@@ -58,62 +81,110 @@ class FastGenCache:
         else:
             self.policies = [fixed] * self.n_kv_heads
         self.length = L
-        groups = self.n_heads // self.n_kv_heads
-        for policy in sorted(set(self.policies)):
-            heads = [h for h, p in enumerate(self.policies) if p == policy]
-            keep = self._initial_residency(policy, heads, stats, kinds)  # (len(heads), L) bool
-            kept = kept_count(policy, L, lambda n: self.kinds.protected_before(protected_kinds(policy), n), self.cfg)
-            positions = keep.nonzero()[:, 1].view(len(heads), kept)  # ascending per head
-            idx = positions[:, :, None].expand(-1, -1, self.head_dim)
-            hk, hv = k[heads].gather(1, idx), v[heads].gather(1, idx)
-            scores = stats.colsum[heads].gather(1, positions) if policy & FREQUENT else None
-            self.stores.append(PolicyStore(policy, heads, self.n_kv_heads, groups, hk, hv, positions, scores, self.max_len,
-                                           self.kinds, self.cfg))
+        key = None
+        if stats is not None and fixed is None:
+            # The paper's profile keeps the heavy hitters its recovery counted: the largest column sums (Eq. 1).
+            key = stats.colsum
+        elif stats is not None:
+            # Fixed policies rank as decode steps evict: mean attention, the column sum over the L - j rows that saw j.
+            key = stats.colsum / torch.arange(L, 0, -1, device=q.device)
+        self._build([(p, self.cfg) for p in self.policies], k, v, key, stats.colsum if stats is not None else None)
         if q.is_cuda:
             torch.cuda.synchronize()
         self.profile_seconds = (stats.seconds if stats else 0.0) + time.perf_counter() - t0
         return out
 
-    def _initial_residency(self, policy, heads, stats, kinds) -> torch.Tensor:
-        """Which prompt tokens each head keeps: protected kinds, the local window, then the heaviest hitters ranked,
-        as during decode, by mean attention (column sum over the L - j rows that saw token j)."""
+    def compress(self, options: list[Option]):
+        """Budget profile: keep, per KV head, what its option keeps of the prompt (called by the BudgetPlanner)."""
+        t0 = time.perf_counter()
+        k, v = self.pending
+        L = self.length
+        key = rank_key(self.stats.obs, self.stats.obs_start)  # (n_kv_heads, L)
+        # Scores such that score / (L - pos), the store's ranking, starts as the observation mean.
+        scores = key * torch.arange(L, 0, -1, device=key.device)
+        self.options = list(options)
+        self._build([(o.policy, dataclasses.replace(self.cfg, local_ratio=o.local_ratio,
+                                                    frequent_ratio=o.frequent_ratio)) for o in options], k, v, key, scores)
+        self.profile_seconds += self.stats.seconds + time.perf_counter() - t0
+        self.pending, self.stats = None, None
+
+    def _build(self, head_cfgs: list[tuple[int, FastGenConfig]], k, v, key, scores):
+        """One store per distinct (policy, ratios) of the heads. key: (n_kv_heads, L) heavy-hitter ranking;
+        scores: (n_kv_heads, L) the cumulative scores the kept rows start from."""
+        L = k.shape[1]
+        self.policies = [p for p, _ in head_cfgs]
+        kinds = self.kinds.by_position[:L]
+        groups = self.n_heads // self.n_kv_heads
+        for policy, cfg in sorted(set(head_cfgs), key=lambda pc: (pc[0], pc[1].local_ratio, pc[1].frequent_ratio)):
+            heads = [h for h, pc in enumerate(head_cfgs) if pc == (policy, cfg)]
+            keep = self._initial_residency(policy, cfg, heads, key, kinds)  # (len(heads), L) bool
+            kept = kept_count(policy, L, lambda n: self.kinds.protected_before(protected_kinds(policy), n), cfg)
+            positions = keep.nonzero()[:, 1].view(len(heads), kept)  # ascending per head
+            idx = positions[:, :, None].expand(-1, -1, self.head_dim)
+            hk, hv = k[heads].gather(1, idx), v[heads].gather(1, idx)
+            kept_scores = scores[heads].gather(1, positions) if policy & FREQUENT else None
+            self.stores.append(PolicyStore(policy, heads, self.n_kv_heads, groups, hk, hv, positions, kept_scores,
+                                           self.max_len, self.kinds, cfg))
+
+    @staticmethod
+    def _initial_residency(policy, cfg, heads, key, kinds) -> torch.Tensor:
+        """Which prompt tokens each head keeps: protected kinds, the local window, then the heaviest hitters by
+        `key` (n_kv_heads, L), the ranking decode steps evict by."""
         L = kinds.shape[0]
         if policy & FULL:
             return torch.ones(len(heads), L, dtype=torch.bool, device=kinds.device)
         base = (kinds & protected_kinds(policy)) != 0
-        base |= torch.arange(L, device=kinds.device) >= L - window(policy, L, self.cfg)
+        base |= torch.arange(L, device=kinds.device) >= L - window(policy, L, cfg)
         base = base.expand(len(heads), L).clone()
-        budget = min(frequent_budget(policy, L, self.cfg), int((~base[0]).sum()))
+        budget = min(frequent_budget(policy, L, cfg), int((~base[0]).sum()))
         if budget:
-            seen_by = torch.arange(L, 0, -1, device=kinds.device)
-            candidates = (stats.colsum[heads] / seen_by).masked_fill(base, float("-inf"))
+            candidates = key[heads].masked_fill(base, float("-inf"))
             base.scatter_(1, candidates.topk(budget, dim=1).indices, True)
         return base
 
+    def head_names(self) -> list[str]:
+        """Per KV head, its policy (and, with the budget profile, the ratios it runs with)."""
+        if self.options is None:
+            return [policy_name(p) for p in self.policies]
+        return [policy_name(o.policy) + ("" if o.policy & FULL else f" r_l={o.local_ratio:g} r_f={o.frequent_ratio:g}")
+                for o in self.options]
+
     def kept_tokens(self) -> int:
         """Tokens held, summed over this layer's KV heads."""
+        if self.pending is not None:
+            return self.length * self.n_kv_heads
         return sum(s.kept * s.kv_index.numel() for s in self.stores)
 
     def nbytes(self) -> int:
-        return storage_bytes(*(t for s in self.stores for t in s.tensors()))
+        pending = self.pending or ()
+        return storage_bytes(*pending, *(t for s in self.stores for t in s.tensors()))
 
 
 def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -> list[FastGenCache]:
-    """One FastGen cache per layer of `model`, sharing the sequence's token kinds."""
+    """One FastGen cache per layer of `model`, sharing the sequence's token kinds (and, with the budget profile, one
+    planner)."""
     c = model.cfg
-    return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg) for _ in range(c.n_layers)]
+    planner = BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor) if cfg.budgeted else None
+    return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg, planner) for _ in range(c.n_layers)]
 
 
 def policy_map(caches: list[FastGenCache]) -> str:
-    """Layers by KV heads, one letter per head, with a legend of the letters used."""
-    from .policy import policy_letter, policy_name
+    """Layers by KV heads, one cell per head, with a legend of what the cells mean."""
+    from .policy import policy_letter
 
-    cells = [f"{i:2d} " + "".join(policy_letter(p) for p in c.policies) for i, c in enumerate(caches)]
+    if caches[0].options is not None:  # budget profile: policy and kept share per head
+        cells = [f"{i:2d} " + " ".join(f"{o.label:>4}" for o in c.options) for i, c in enumerate(caches)]
+        legend = ("fNN = frequent (heavy hitters) keeping NN% of the tokens; hNN = local+frequent, half recent "
+                  "window and half heavy hitters, NN% in all; full = every token")
+        title = "policy map (layer: each KV head's policy and kept share)"
+    else:
+        cells = [f"{i:2d} " + "".join(policy_letter(p) for p in c.policies) for i, c in enumerate(caches)]
+        used = sorted({p for c in caches for p in c.policies})
+        legend = ", ".join(f"{policy_letter(p)} = {policy_name(p)}" for p in used)
+        title = "policy map (layer: one letter per KV head)"
     per_line = max(1, 72 // (len(cells[0]) + 2))
     lines = ["  ".join(cells[i : i + per_line]) for i in range(0, len(cells), per_line)]
-    used = sorted({p for c in caches for p in c.policies})
-    legend = ", ".join(f"{policy_letter(p)}={policy_name(p)}" for p in used)
-    return "policy map (layer: one letter per KV head)\n" + "\n".join(lines) + "\n" + legend
+    return title + "\n" + "\n".join(lines) + "\n" + legend
 
 
 def make_caches(model, tokenizer, cfg: FastGenConfig, max_len: int):

@@ -1,8 +1,13 @@
 """FastGen policies: which parts of the context a KV head keeps, their budgets, and the knobs (FastGenConfig).
 
 A policy is a set of components. `special` and `punct` keep every token of that kind (protected: never evicted);
-`local` keeps the last ceil(r_l * L) tokens; `frequent` keeps the ceil(r_f * L) tokens with the largest cumulative
-attention among those no other component keeps; `full` keeps everything. L is the current length.
+`local` keeps the last ceil(r_l * L) tokens; `frequent` keeps the ceil(r_f * L) tokens ranked highest by mean
+attention since they arrived (cumulative attention / the queries that saw them) among those no other component keeps;
+`full` keeps everything. L is the current length.
+
+How `auto` chooses (FastGenConfig.profile): "budget" (the default) spends a kept-fraction target `kv_budget` across
+every KV head of the model where profiling says it buys the most attention (fastgen/budget.py); "paper" gives each
+head the first of the paper's candidates whose recovery reaches `threshold` (fastgen/profile.py).
 """
 from __future__ import annotations
 
@@ -15,9 +20,10 @@ SPECIAL, PUNCT, FREQUENT, LOCAL, FULL = 1, 2, 4, 8, 16
 COMPONENTS = {"special": SPECIAL, "punct": PUNCT, "frequent": FREQUENT, "local": LOCAL, "full": FULL}
 # The paper's candidates, cheapest first; profiling picks the first whose recovery reaches the threshold.
 CANDIDATES = (SPECIAL, SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PUNCT | FREQUENT | LOCAL, FULL)
-# One letter per policy for the policy map.
-LETTERS = {SPECIAL: "S", SPECIAL | PUNCT: "P", SPECIAL | PUNCT | FREQUENT: "F", SPECIAL | PUNCT | FREQUENT | LOCAL: "L",
-           FULL: "A", LOCAL: "l", FREQUENT: "f", LOCAL | FREQUENT: "h"}
+# One letter per policy for the paper profile's policy map (the legend printed with the map spells each one out).
+LETTERS = {SPECIAL: "s", SPECIAL | PUNCT: "p", SPECIAL | PUNCT | FREQUENT: "F", SPECIAL | PUNCT | FREQUENT | LOCAL: "L",
+           FULL: "#", LOCAL: "w", FREQUENT: "f", LOCAL | FREQUENT: "h"}
+PROFILES = ("budget", "paper")
 
 
 def policy_name(policy: int) -> str:
@@ -46,12 +52,24 @@ def parse_policy(name: str) -> int | None:
 @dataclass(frozen=True)
 class FastGenConfig:
     policy: str = "auto"  # "auto" or a fixed policy for every head
-    threshold: float = 0.98  # T: the attention a policy must recover
-    local_ratio: float = 0.3  # r_l
-    frequent_ratio: float = 0.3  # r_f
+    profile: str = "paper"  # how auto chooses: "budget" (kv_budget) or "paper" (threshold)
+    kv_budget: float = 0.7  # budget profile: the kept fraction to spend across the model's KV heads
+    observation: int = 32  # budget profile: the prompt's last rows whose attention is profiled (SnapKV's window)
+    head_floor: float = 0.5  # budget profile: no head keeps less than this share of kv_budget
+    threshold: float = 0.98  # paper profile: T, the attention a policy must recover
+    local_ratio: float = 0.3  # paper profile and fixed policies: r_l
+    frequent_ratio: float = 0.3  # paper profile and fixed policies: r_f
     growth_block: int = 16  # fewest rows a store grows by when full (see PolicyStore.block_rows)
 
     def __post_init__(self):
+        if self.profile not in PROFILES:
+            raise TinygenError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if not 0 < self.kv_budget <= 1:
+            raise TinygenError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
+        if not 0 <= self.head_floor <= 1:
+            raise TinygenError(f"head_floor must be in [0, 1], got {self.head_floor}")
+        if self.observation < 1:
+            raise TinygenError(f"the observation window must be at least 1 row, got {self.observation}")
         if not 0 < self.threshold <= 1:
             raise TinygenError(f"--threshold must be in (0, 1], got {self.threshold}")
         for name in ("local_ratio", "frequent_ratio"):
@@ -64,6 +82,11 @@ class FastGenConfig:
     @property
     def fixed_policy(self) -> int | None:
         return parse_policy(self.policy)
+
+    @property
+    def budgeted(self) -> bool:
+        """auto with the budget profile: heads get per-head ratios (fastgen/budget.py)."""
+        return self.policy == "auto" and self.profile == "budget"
 
 
 def window(policy: int, length: int, cfg: FastGenConfig) -> int:

@@ -19,9 +19,11 @@ from .policy import CANDIDATES, FREQUENT, LOCAL, PUNCT, SPECIAL, FastGenConfig, 
 class ProfileStats:
     """Sums over the group-averaged prompt attention of each KV head, accumulated block by block."""
 
-    def __init__(self, n_kv_heads: int, length: int, window: int, device: torch.device):
+    def __init__(self, n_kv_heads: int, length: int, window: int, device: torch.device, observation: int = 0):
         self.length, self.window = length, window
+        self.obs_start = length - min(observation, length)  # the observation window: rows obs_start..length-1
         self.colsum = torch.zeros(n_kv_heads, length, device=device)  # attention each key receives
+        self.obs = torch.zeros(n_kv_heads, length, device=device)  # ... from the observation window's rows
         self.band = torch.zeros(n_kv_heads, length, device=device)  # ... from rows whose local window holds it
         self.local = torch.zeros(n_kv_heads, device=device)  # attention inside each row's window, summed over rows
         self.seconds = 0.0  # time spent here (host time: on CUDA it counts launches, not kernels)
@@ -38,6 +40,9 @@ class ProfileStats:
         self.band[:, :C] += colsum
         self.band[:, :width] -= outside
         self.local += B - outside.sum(1)  # each row's mass is 1; what is not outside is inside
+        first = max(0, self.obs_start - row0)  # the block's first row inside the observation window
+        if first < B:
+            self.obs[:, :C] += probs[:, first:].sum(1)
         self.seconds += time.perf_counter() - t0
 
 

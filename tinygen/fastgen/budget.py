@@ -1,0 +1,160 @@
+"""The budget profile: spend a kept-fraction target across the model's KV heads where it recovers the most attention.
+
+Why not the paper's threshold: on SmolLM2-135M (GQA) a per-head threshold T loses, at equal memory, to giving every
+head the same `frequent` or `local+frequent` budget (README, Evaluation). A threshold spends memory where a head
+needs it to reach T, not where it buys most, and the mean over every prompt row predicts generation poorly.
+
+What this does instead, per sequence:
+1. Each layer's prefill records how much attention each key gets from the prompt's last `observation` rows (an
+   observation window: those rows sit nearest the tokens to come; SnapKV's finding).
+2. Each KV head may take one of a menu of options: `frequent` or `local+frequent` (half window, half heavy hitters)
+   keeping a share 0.05, 0.10, ..., 0.95 of the tokens, or `full`. An option's value is the observation attention
+   that the exact set the store would keep recovers: its window plus its heavy hitters, ranked as the store ranks
+   them during decoding (mean attention per query that saw the token).
+3. One price per kept token (a Lagrange multiplier, found by bisection) picks every head's option at once: each head
+   takes the option maximising recovery - price x cost, and the price is the lowest at which the model keeps at
+   most `kv_budget` of its tokens; what is left of the budget then goes, one upgrade at a time, where it recovers
+   the most per token. Uniform allocations (every head `frequent` at one share) are among the choices, so on the
+   profile's own objective the result is never worse than any of them.
+
+Budgets stay shares of the current length during decoding, so the kept fraction holds as the sequence grows.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .policy import FREQUENT, FULL, LOCAL
+
+VALUE_WEIGHTED = False
+SHARES = tuple(i / 20 for i in range(1, 20))  # kept shares on the menu: 0.05 ... 0.95
+
+
+@dataclass(frozen=True)
+class Option:
+    """One head's cache: a policy and its ratios (the FastGenConfig knobs its store runs with)."""
+    policy: int
+    local_ratio: float = 0.0
+    frequent_ratio: float = 0.0
+
+    def kept(self, length: int) -> int:
+        """Tokens the option keeps at `length` (no protected kinds: window, then heavy hitters outside it)."""
+        if self.policy & FULL:
+            return length
+        w = min(length, math.ceil(self.local_ratio * length)) if self.policy & LOCAL else 0
+        return w + min(length - w, math.ceil(self.frequent_ratio * length))
+
+    def window(self, length: int) -> int:
+        return min(length, math.ceil(self.local_ratio * length)) if self.policy & LOCAL else 0
+
+    @property
+    def label(self) -> str:
+        """Short form for the policy map: f35 = frequent keeping 35%, h35 = local+frequent (half each), full."""
+        if self.policy & FULL:
+            return "full"
+        share = self.local_ratio + self.frequent_ratio
+        return f"{'h' if self.policy & LOCAL else 'f'}{round(100 * share):02d}"
+
+
+MENU = tuple([Option(FREQUENT, 0.0, s) for s in SHARES] + [Option(LOCAL | FREQUENT, s / 2, s / 2) for s in SHARES]
+             + [Option(FULL)])
+
+
+def rank_key(obs: torch.Tensor, obs_start: int) -> torch.Tensor:
+    """(heads, L) mean observation attention per query that saw each key: the store's eviction ranking at L."""
+    L = obs.shape[1]
+    seen = L - torch.arange(L, device=obs.device).clamp(min=obs_start)  # observation rows i >= max(obs_start, j)
+    return obs / seen
+
+
+def option_recoveries(obs: torch.Tensor, obs_start: int, menu=MENU, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(heads, len(menu)): share of the observation window's attention that each option's kept set recovers.
+
+    obs: (heads, L), column sums of the observation rows' (group-averaged) attention; each row sums to 1.
+    weight: (heads, L) optional per-key weight of that attention (e.g. the norm of the key's value vector); the
+    recovery is then the weighted mass kept over the weighted mass in all. Keys are ranked by attention alone."""
+    heads, L = obs.shape
+    order = rank_key(obs, obs_start).argsort(dim=1, descending=True, stable=True)  # heads' keys, best first
+    obs = obs if weight is None else obs * weight
+    total = obs.sum(1, keepdim=True)  # = the observation rows, without weights
+    mass = obs.gather(1, order)  # (heads, L) attention of each key, in rank order
+    out = torch.empty(heads, len(menu), device=obs.device)
+    by_window: dict[int, list[int]] = {}
+    for i, o in enumerate(menu):
+        by_window.setdefault(-1 if o.policy & FULL else o.window(L), []).append(i)
+    for w, idx in by_window.items():
+        if w < 0:
+            out[:, idx] = 1.0
+            continue
+        outside = order < L - w  # (heads, L): ranked keys older than the window, the heavy-hitter pool
+        cum_mass = torch.cumsum(mass * outside, dim=1)
+        cum_count = outside.long().cumsum(dim=1)
+        k = torch.tensor([menu[i].kept(L) - w for i in idx], device=obs.device)  # heavy hitters per option
+        at = torch.searchsorted(cum_count, k.expand(heads, -1).contiguous())  # first rank reaching k of them
+        top = torch.where(k > 0, cum_mass.gather(1, at.clamp(max=L - 1)), torch.zeros((), device=obs.device))
+        out[:, idx] = (obs[:, L - w :].sum(1, keepdim=True) + top) / total
+    return out
+
+
+def allocate(rec: torch.Tensor, cost: torch.Tensor, target: float, floor: float = 0.0) -> list[int]:
+    """Each head's option (an index into the menu) maximising the total recovery with mean cost <= target, no head
+    below `floor` x target (options cheaper than that are off its menu, unless nothing else fits).
+
+    rec: (heads, options) recoveries; cost: (options,) kept fraction of each option (float64 on the host)."""
+    rec = rec.double().cpu()
+    low = cost < floor * target
+    if not bool((~low & (cost <= target)).any()):
+        low = torch.zeros_like(low)
+    rec = rec.masked_fill(low, -1e9)
+    pick = lambda price: (rec - price * cost).argmax(dim=1)
+    lo, hi = 0.0, 1e4  # at price 0 every head takes its best recovery; at 1e4 its cheapest option
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if cost[pick(mid)].mean() <= target else (mid, hi)
+    choice = pick(hi)
+    # Spend what the bisection left: the upgrade with the most recovery per token that still fits, one at a time.
+    n = rec.shape[0]
+    spare = target * n - cost[choice].sum()
+    while True:
+        gain = rec - rec.gather(1, choice[:, None])  # (heads, options)
+        extra = cost[None, :] - cost[choice][:, None]
+        ok = (extra > 0) & (extra <= spare + 1e-9) & (gain > 0)
+        if not ok.any():
+            return choice.tolist()
+        rate = torch.where(ok, gain / extra.clamp(min=1e-12), torch.full_like(gain, -1.0))
+        h, o = divmod(int(rate.argmax()), rate.shape[1])
+        spare -= float(extra[h, o])
+        choice[h] = o
+
+
+class BudgetPlanner:
+    """Shared by the FastGen caches of one sequence: each layer registers at prefill; once all have (or at the first
+    decode step, whichever comes first) one allocation chooses every head's option and each cache compresses."""
+
+    def __init__(self, n_layers: int, kv_budget: float, floor: float = 0.0, menu=MENU):
+        self.n_layers, self.kv_budget, self.floor, self.menu = n_layers, kv_budget, floor, menu
+        self.waiting = []  # caches holding their prompt K/V and profile, in layer order
+
+    def register(self, cache):
+        self.waiting.append(cache)
+        if len(self.waiting) == self.n_layers:
+            self.plan()
+
+    def plan(self):
+        if not self.waiting:
+            return
+        t0 = time.perf_counter()
+        first, L = self.waiting[0], self.waiting[0].length
+        rec = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, self.menu,
+                                           c.pending[1].float().norm(dim=-1) if VALUE_WEIGHTED else None)
+                         for c in self.waiting])
+        cost = torch.tensor([o.kept(L) / L for o in self.menu], dtype=torch.float64)
+        choice = allocate(rec, cost, self.kv_budget, self.floor)
+        first.profile_seconds += time.perf_counter() - t0  # the allocation, counted once (each layer adds its own)
+        heads = first.n_kv_heads
+        for i, cache in enumerate(self.waiting):
+            cache.compress([self.menu[j] for j in choice[i * heads : (i + 1) * heads]])
+        self.waiting = []

@@ -7,8 +7,8 @@
   directory holding `q4_1.safetensors` (written by weights/convert.py) runs as distributed, with no re-quantization.
 
 Every linear layer and the LM head are quantized; the embedding and the norms stay in the model dtype. In int4 mode
-the LM head is int8: it is tied to the embedding, which the GGUF ships in 8 bits (Q8_0), and 4-bit groups there
-cost more perplexity than all the layers' 4-bit weights together (see the README).
+the LM head is int8: the default model's head is tied to its embedding, which the GGUF ships in 8 bits (Q8_0), so
+8 bits keep the distributed model's precision there (a 4-bit head has not been measured).
 
 Activations enter the kernels in bfloat16: with float32 activations the CPU kernels are 6-20x slower (measured
 here), and the CUDA int4 kernel takes nothing else. `reference=True` builds the same quantized weights as dense

@@ -3,7 +3,8 @@
 It implements the same `attend(q, k, v)` / `nbytes()` interface as the full cache, so the model does not know
 which cache it runs with. Prefill attends over the whole prompt (block by block, collecting the profile), picks
 each KV head's policy, and keeps the chosen rows in one `PolicyStore` per policy (and set of ratios); the prompt's
-full K/V of the layer is then dropped. Each decode step runs one batched attention per store of the layer.
+full K/V of the layer is then dropped. A decode step attends over every store of the layer in one Triton kernel
+launch on CUDA (`LayerRows`), and in one batched PyTorch attention per store on the CPU.
 
 With the paper's profile a layer compresses right after its own prefill, so only one layer's full K/V exists at a
 time. The budget profile allocates across the whole model, so every layer holds its prompt K/V (no more than a full
@@ -16,13 +17,13 @@ import time
 
 import torch
 
-from ..cache import storage_bytes
+from ..cache import attention_paths, storage_bytes
 from .kinds import TokenKinds
 from .budget import BudgetPlanner, Option, rank_key
 from .policy import (FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, policy_name, protected_kinds,
                      window)
 from .profile import ProfileStats, choose_policies, profiled_attention, recoveries
-from .store import PolicyStore
+from .store import LayerRows, PolicyStore
 
 
 class FastGenCache:
@@ -40,6 +41,7 @@ class FastGenCache:
         self.stats: ProfileStats | None = None
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt K/V awaiting the budget planner
         self.stores: list[PolicyStore] = []
+        self.rows: LayerRows | None = None  # the stores' rows as device tables, where decode runs the Triton kernel
         self.profile_seconds = 0.0
 
     def attend(self, q, k, v):
@@ -51,6 +53,14 @@ class FastGenCache:
             self.planner.plan()
         self.length += 1
         assert self.length <= self.max_len, f"cache full: {self.length} > {self.max_len}"
+        if self.rows is not None:  # CUDA: every store's attention in one kernel launch
+            grew = [store.append(k, v, self.length) for store in self.stores]
+            if any(grew):
+                self.rows.refresh()
+            out = self.rows.attend(q)
+            for store in self.stores:
+                store.settle(self.length)
+            return out
         if len(self.stores) == 1:
             return self.stores[0].decode(q, k, v, self.length)
         out = torch.empty_like(q)
@@ -125,6 +135,8 @@ class FastGenCache:
             kept_scores = scores[heads].gather(1, positions) if policy & FREQUENT else None
             self.stores.append(PolicyStore(policy, heads, self.n_kv_heads, groups, hk, hv, positions, kept_scores,
                                            self.max_len, self.kinds, cfg))
+        if attention_paths(k.device)[1] == "triton":
+            self.rows = LayerRows(self.stores, groups)
 
     @staticmethod
     def _initial_residency(policy, cfg, heads, key, kinds) -> torch.Tensor:
@@ -156,6 +168,7 @@ class FastGenCache:
         return sum(s.kept * s.kv_index.numel() for s in self.stores)
 
     def nbytes(self) -> int:
+        # The kernel's tables (`rows`: a few int64 per KV head) are not counted, as FullCache does not count its own.
         pending = self.pending or ()
         return storage_bytes(*pending, *(t for s in self.stores for t in s.tensors()))
 

@@ -6,6 +6,9 @@ row r of head h holds the token at position `pos[h, r]`; `bitmap[h]` marks (one 
 h holds. Rows [0, kept) are resident; row `kept` (or, after an eviction, each head's freed row) takes the next token,
 so evictions reuse slots and nothing is compacted. Which token leaves differs per head and is found on the device;
 how many leave is known on the host, so a decode step needs no device sync.
+
+A step is `append` (write the new token), attention, `settle` (keep it or evict one per head). On the CPU a store
+attends on its own (`attend`, batched PyTorch); on CUDA `LayerRows` attends every store of a layer in one kernel launch.
 """
 from __future__ import annotations
 
@@ -70,16 +73,24 @@ class PolicyStore:
             self.score = bigger(self.score)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
-        """One step: store the new token (position length-1), attend, evict at most one token per head.
+        """One step in PyTorch: store the new token (position length-1), attend, evict at most one token per head.
         q: (n_heads, 1, head_dim), k/v: (n_kv_heads, 1, head_dim) -> (heads * groups, 1, head_dim) for q_index."""
-        rows = self.kept + 1  # resident tokens plus the new one
-        if rows > self.k.shape[1]:
-            self._grow(rows)
+        self.append(k, v, length)
+        out = self.attend(q)
+        self.settle(length)
+        return out
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, length: int) -> bool:
+        """Write the new token (position length-1) into row `kept`, or each head's freed row; grow first if full.
+        k/v: (n_kv_heads, 1, head_dim). Returns whether the store grew (its tensors moved)."""
+        grow = self.kept + 1 > self.k.shape[1]
+        if grow:
+            self._grow(self.kept + 1)
         heads, _, head_dim = self.k.shape
         new_pos = length - 1
         protected = bool(self.kinds.kinds[new_pos] & self.protect)  # host-side: no sync
         if not self.all_heads:
-            q, k, v = q[self.q_index], k[self.kv_index], v[self.kv_index]
+            k, v = k[self.kv_index], v[self.kv_index]
         if self.hole:  # each head writes into the row its last eviction freed
             self.k.scatter_(1, self.free[:, None, None].expand(heads, 1, head_dim), k)
             self.v.scatter_(1, self.free[:, None, None].expand(heads, 1, head_dim), v)
@@ -93,8 +104,15 @@ class PolicyStore:
             self.pos[:, r], self.prot[:, r] = new_pos, protected
             if self.score is not None:
                 self.score[:, r] = 0.0
+        return grow
 
-        # Attention over this store's rows, all heads of the policy in one batched call.
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention over rows [0, kept + 1) (after `append`), all heads of the policy in one batched call, and the
+        `frequent` score update. q: (n_heads, 1, head_dim) -> (heads * groups, 1, head_dim)."""
+        rows = self.kept + 1
+        heads, _, head_dim = self.k.shape
+        if not self.all_heads:
+            q = q[self.q_index]
         dt = compute_dtype(self.k)
         qs = q.reshape(heads, self.groups, head_dim).to(dt)
         scores = (qs * head_dim**-0.5) @ self.k[:, :rows].to(dt).transpose(1, 2)  # (heads, groups, rows)
@@ -102,7 +120,11 @@ class PolicyStore:
         out = (probs.to(dt) @ self.v[:, :rows].to(dt)).to(q.dtype).view(heads * self.groups, 1, head_dim)
         if self.score is not None:
             self.score[:, :rows] += probs.mean(dim=1)  # cumulative attention, averaged over the query group
+        return out
 
+    def settle(self, length: int):
+        """After attention: keep the new token or evict one per head, as the budget at `length` says."""
+        rows, new_pos = self.kept + 1, length - 1
         # Budgets grow with the length, but an evicted token never comes back: keep at most what is resident.
         target = min(rows, kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n),
                                       self.cfg))
@@ -116,7 +138,6 @@ class PolicyStore:
             self.bitmap[:, new_pos // 8] |= 1 << (new_pos % 8)
             self._evict(rows, length)
         self.kept = target
-        return out
 
     def _evict(self, rows: int, length: int):
         """Free one row per head: the unprotected token outside the local window with the lowest mean attention
@@ -141,3 +162,56 @@ class PolicyStore:
 
     def tensors(self):
         return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]
+
+
+class LayerRows:
+    """Every KV head's rows of one layer's stores as device tables for the Triton ragged decode kernel
+    (tinygen/kernels/decode_attention.py): one launch attends all stores of the layer, reading their rows in place,
+    and one more adds the `frequent` heads' scores.
+
+    One entry per KV head, stores with `frequent` first (their heads are then a prefix of every table): the
+    addresses of its first K, V (and score) row, its first query head, and its length. Addresses change only when
+    a store grows, which the host knows (`refresh`); lengths (kept + 1 per store, host-known) go to the device in
+    one non-blocking copy per step. Nothing is read back, so no host sync.
+    """
+
+    def __init__(self, stores: list[PolicyStore], groups: int):
+        self.stores = sorted(stores, key=lambda s: s.score is None)  # stable: `frequent` stores first
+        self.groups = groups
+        self.n_frequent = sum(s.kv_index.numel() for s in self.stores if s.score is not None)
+        kv_heads = torch.cat([s.kv_index for s in self.stores])
+        self.q_first = (kv_heads * groups).to(torch.int32)  # (n_kv_heads,) row i serves query heads from here
+        self.lengths = torch.zeros_like(self.q_first)  # (n_kv_heads,) rows each head attends over this step
+        self.refresh()
+
+    def refresh(self):
+        """Rebuild the address tables from the stores' current tensors (at build, and after a store grows)."""
+        def rows(t):  # addresses of each head's first row of t: (heads, capacity, ...)
+            return [t.data_ptr() + h * t.stride(0) * t.element_size() for h in range(t.shape[0])]
+
+        from ..kernels.decode_attention import aligned
+
+        device = self.q_first.device
+        assert all(s.k.is_contiguous() and s.v.is_contiguous() and aligned(s.k) and aligned(s.v) for s in self.stores), \
+            "the kernel reads contiguous store rows that start 16-byte aligned"
+        table = lambda addresses: torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
+        self.k_rows = table([a for s in self.stores for a in rows(s.k)])  # (n_kv_heads,) int64
+        self.v_rows = table([a for s in self.stores for a in rows(s.v)])
+        self.score_rows = table([a for s in self.stores if s.score is not None for a in rows(s.score)])  # (n_frequent,)
+        self.capacity = max(s.k.shape[1] for s in self.stores)  # bounds every length: sizes the grid
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention of every query head over its KV head's rows [0, kept + 1), after the stores' `append`, and the
+        `frequent` scores. q: (n_heads, 1, head_dim) -> (n_heads, 1, head_dim)."""
+        from ..kernels.decode_attention import ragged_decode_rows, ragged_group_probs_rows
+
+        lengths = [s.kept + 1 for s in self.stores for _ in range(s.kv_index.numel())]
+        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+        k = self.stores[0].k
+        args = (self.groups, self.capacity, k.dtype, k.stride(1))
+        out, lse = ragged_decode_rows(q[:, 0], self.k_rows, self.v_rows, self.lengths, self.q_first, *args)
+        if self.n_frequent:
+            f = slice(0, self.n_frequent)
+            ragged_group_probs_rows(q[:, 0], self.k_rows[f], self.lengths[f], self.q_first[f], *args, lse,
+                                    self.score_rows)
+        return out[:, None]

@@ -175,3 +175,19 @@ def test_cli_bad_quantize_inputs(chat_model_q, tmp_path):
     cfg = json.loads((odd / "config.json").read_text())
     save_tiny_model(odd, **{k: cfg[k] for k in ("vocab_size", "max_position_embeddings")}, hidden_size=48, head_dim=12)
     assert_error(cli("--model", odd, "--prompt", "hi", "--quantize", "int4"), 1, "int4", "multiples of 32", "int8")
+
+
+def test_default_model_q4_1_blocks_equal_its_float_weights(default_model_dir):
+    """weights/convert.py's q4_1.safetensors: d * q + m is model.safetensors bit for bit (q/k rows un-permuted too)."""
+    from safetensors import safe_open
+
+    if not (default_model_dir / quant.Q4_1_FILE).is_file():
+        pytest.skip("q4_1.safetensors not written yet (run python weights/convert.py)")
+    blocks = quant.Q4_1Blocks(default_model_dir / quant.Q4_1_FILE)
+    floats = safe_open(str(default_model_dir / "model.safetensors"), framework="pt")
+    names = [n for n in sorted(blocks.names) if ".layers.0." in n or ".layers.29." in n]
+    assert len(blocks.names) == 210 and len(names) == 14
+    for name in names:
+        q, d, m = blocks.get(name)
+        w = (q.view(q.shape[0], -1, 32).float() * d.float()[..., None] + m.float()[..., None]).view(q.shape)
+        assert torch.equal(w, floats.get_tensor(name)), name

@@ -59,7 +59,7 @@ def test_generates_and_writes_stats_json(chat_model, tmp_path):
 def test_auto_policy_reports_policy_map_and_kept_fraction(chat_model, tmp_path):
     out = tmp_path / "stats.json"
     r = cli("--model", chat_model, "--prompt", "tell me a story", "--max-new-tokens", 8, "--ignore-eos",
-            "--stats-json", out)
+            "--profile", "paper", "--stats-json", out)
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
     assert stats["policy"] == "auto" and len(stats["policies"]) == 3 and all(len(l) == 2 for l in stats["policies"])

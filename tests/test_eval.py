@@ -239,3 +239,21 @@ def test_table_plot_and_stability_on_constructed_results(tmp_path):
     st = stability(maps, tmp_path / "st.png")
     assert st["share"] == [[1.0, pytest.approx(2 / 3)]] and st["mean_share"] == pytest.approx(5 / 6)
     assert st["per_layer"][0][st["policies"].index(b)] == pytest.approx(2 / 6)
+
+
+def test_sweep_matches_fixed_policies_to_the_budget_profile(tiny):
+    from tinygen.eval.sweep import summaries, sweep
+
+    prompts = [{"id": i, "ids": list(range(4 + i, 44 + i))} for i in range(2)]
+    records, matching = sweep(tiny, FakeTok(), prompts, 12, thresholds=(0.95,), kv_budgets=(0.4, 0.7),
+                              fixed=("frequent", "sinks"))
+    labels = [s["method"]["label"] for s in summaries(records)]
+    assert labels[:3] == ["auto budget=0.4", "auto budget=0.7", "auto T=0.95"] and len(labels) == 7
+    assert [(m["kv_budget"], m["policy"]) for m in matching] == [(0.4, "frequent"), (0.4, "sinks"),
+                                                                 (0.7, "frequent"), (0.7, "sinks")]
+    kept = {s["method"]["label"]: s["summary"]["kept_fraction"]["mean"] for s in summaries(records)}
+    for s in summaries(records):
+        m = s["method"]
+        if m.get("matched_to_budget") is not None:  # equal memory: within a token or two of the auto point's
+            assert abs(kept[m["label"]] - kept[f"auto budget={m['matched_to_budget']:g}"]) < 0.03, m
+    assert abs(kept["auto budget=0.4"] - 0.4) < 0.05 and abs(kept["auto budget=0.7"] - 0.7) < 0.05

@@ -119,7 +119,7 @@ def test_budget_stores_per_head_ratios_300_steps(device, force_options):
                Option(FREQUENT, 0, 0.55)]
     assert all(o in MENU for o in options)
     force_options(options)
-    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, growth_block=4)
+    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, head_floor=0.0, growth_block=4)
     cache, ref = run(cfg, device, steps=300, seed=4)
     assert cache.options == options and len(cache.stores) == 4
     for s in cache.stores:
@@ -134,22 +134,27 @@ def test_budget_stores_per_head_ratios_300_steps(device, force_options):
 def test_budget_profile_keeps_what_it_promised(device, kv_budget):
     """Unpatched: the set each head stores at prefill recovers exactly the observation attention its option was
     chosen for, and the layer keeps about kv_budget of the tokens."""
-    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, observation=12, growth_block=4)
+    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, observation=12, head_floor=0.0, growth_block=4)
     cache, ref = run(cfg, device, steps=0, seed=9)
-    L = L0
-    obs = cache_obs = None  # recomputed from the dense probabilities the harness kept
+    L, first = L0, L0 - 12
     mask = resident(cache, L)
-    # ref.score holds obs mean x seen after prefill (the harness builds it from the dense map)
-    seen = torch.arange(L, 0, -1, dtype=torch.float64)
-    key = (ref.score[:, :L] / seen).float()
-    first = L - 12
-    cache_obs = key * (L - torch.arange(L).clamp(min=first))  # back to column sums of the observation rows
-    rec = option_recoveries(cache_obs, first)
+    obs = ref.attn[:, first:].sum(1)  # (n_kv_heads, L) the observation rows' column sums
+    key = ref.attn.sum(1) / torch.arange(L, 0, -1)  # the store's ranking: mean over every row that saw the token
+    rec = option_recoveries(obs, first, key=key)
     for h, o in enumerate(cache.options):
         promised = float(rec[h, MENU.index(o)])
-        stored = float(cache_obs[h, mask[h]].sum()) / 12
+        stored = float(obs[h, mask[h]].sum()) / 12
         assert stored == pytest.approx(promised, abs=1e-5), (h, o)
+    assert len(set(cache.options)) > 1, "with no floor, heads get different options"
     assert abs(kept_fraction([cache]) - kv_budget) <= 0.1  # 4 heads x 30 tokens: coarse
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_floor_keeps_every_head_at_the_budget(device):
+    cfg = FastGenConfig(profile="budget", kv_budget=0.5, growth_block=4)
+    assert cfg.head_floor == 1.0
+    cache, _ = run(cfg, device, steps=20, seed=2)
+    assert {o.local_ratio + o.frequent_ratio for o in cache.options} == {0.5}
 
 
 @pytest.mark.parametrize("kv_budget", [0.5, 0.7])
@@ -158,7 +163,8 @@ def test_kept_fraction_holds_over_a_generation(engine, kv_budget):  # noqa: F811
     ids = book_prompt(tok, 300)
     steps = 64
     kinds = TokenKinds(vocab_kinds(tok), len(ids) + steps, torch.device("cpu"))
-    caches = fastgen_caches(model, kinds, FastGenConfig(profile="budget", kv_budget=kv_budget), len(ids) + steps)
+    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, head_floor=0.5)
+    caches = fastgen_caches(model, kinds, cfg, len(ids) + steps)
     seen = []
     for _ in generate(model, ids, caches, steps, ignore_eos=True, on_tokens=kinds.append):
         seen.append(kept_fraction(caches))

@@ -153,10 +153,8 @@ def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_polic
     ref.K[:, :L0], ref.V[:, :L0] = k, v
     attn = probs.view(N_KV, GROUPS, L0, L0).mean(1).cpu()
     ref.score[:, :L0] = attn.sum(1).double()
+    ref.attn = attn  # the prompt's group-averaged attention, (n_kv_heads, L0, L0)
     seen = torch.arange(L0, 0, -1, dtype=torch.float64)  # rows that saw each prompt token
-    if cfg.budgeted:  # ranked by the mean over the observation window's rows; scores start at that mean x seen
-        first = L0 - min(cfg.observation, L0)
-        ref.score[:, :L0] = attn[:, first:].sum(1).double() / (L0 - torch.arange(L0).clamp(min=first)) * seen
     if expect_policies is not None:
         assert cache.policies == list(expect_policies)
     if cfg.fixed_policy is None and not cfg.budgeted:

@@ -22,8 +22,14 @@ def parse_args(argv):
     p.add_argument("--limit", type=int, help="use the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--sweep", action="store_true", help="auto's budget profile at kept 0.55/0.65/0.70/0.80, the fixed "
-                   "policies (local, frequent, local+frequent, sinks) at each of its kept fractions, and the paper's "
+                   "policies (frequent, local+frequent, sinks) at each of its kept fractions, and the paper's "
                    "auto at T = 0.90/0.95/0.98/0.99")
+    p.add_argument("--kv-budgets", default=None, metavar="F,F,...", help="with --sweep: the budget profile's points "
+                   "(default 0.55,0.65,0.70,0.80)")
+    p.add_argument("--floors", default=None, metavar="F,F,...", help="with --sweep: also run the budget profile "
+                   "at these head floors (below 1, memory moves between heads)")
+    p.add_argument("--thresholds", default=None, metavar="T,T,...", help="with --sweep: the paper profile's points "
+                   "(default 0.90,0.95,0.98,0.99)")
     p.add_argument("--policy", default="auto", help="without --sweep: auto, a fixed policy (e.g. local+frequent) or "
                    "sinks (first 4 tokens + recent window of local-ratio x length)")
     p.add_argument("--profile", choices=("budget", "paper"), default=None, help="how auto chooses: budget (default) "
@@ -71,6 +77,19 @@ def parse_args(argv):
     for ok, message in checks:
         if not ok:
             p.error(message)
+    for name in ("kv_budgets", "thresholds", "floors"):
+        text = getattr(a, name)
+        if text is None:
+            continue
+        if not a.sweep:
+            p.error(f"--{name.replace('_', '-')} goes with --sweep")
+        try:
+            values = tuple(float(x) for x in text.split(","))
+        except ValueError:
+            p.error(f"--{name.replace('_', '-')}: give numbers separated by commas, got {text!r}")
+        if not all(0 < x <= 1 or (name == "floors" and x == 0) for x in values):
+            p.error(f"--{name.replace('_', '-')}: each value must be in (0, 1], got {text!r}")
+        setattr(a, name, values)
     sys.path.insert(0, str(ROOT))
     from tinygen.errors import TinygenError
     from tinygen.eval.methods import check_policy
@@ -141,8 +160,10 @@ def run(a) -> int:
             print(repair_table(results))
             return 0
         if a.sweep:
+            points = {k: v for k, v in (("kv_budgets", a.kv_budgets), ("thresholds", a.thresholds),
+                                        ("floors", a.floors)) if v}
             records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
-                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run)
+                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, **points)
             meta["matching"] = matching
         else:
             records = run_methods(model, tok, prompts, [method], a.max_new_tokens, a.free_run)

@@ -24,6 +24,7 @@ class Method:
     matched_to: float | None = field(default=None, compare=False)  # the kv_budget whose kept fraction it matches
     profile: str = "paper"  # auto only: "paper" (threshold) or "budget" (kv_budget)
     kv_budget: float = 0.7
+    head_floor: float = FastGenConfig.head_floor  # budget profile: no head below this share of kv_budget
 
     @property
     def point(self) -> float:
@@ -37,19 +38,22 @@ class Method:
     @property
     def label(self) -> str:
         if self.policy == "auto":
-            return f"auto budget={self.kv_budget:g}" if self.profile == "budget" else f"auto T={self.threshold:g}"
+            if self.profile == "paper":
+                return f"auto T={self.threshold:g}"
+            floor = "" if self.head_floor == FastGenConfig.head_floor else f" floor={self.head_floor:g}"
+            return f"auto budget={self.kv_budget:g}{floor}"
         if self.policy == "full":
             return "full"
         return f"{self.policy} r={self.ratio:.3f}"
 
     def fastgen_config(self) -> FastGenConfig:
-        return FastGenConfig(self.policy, self.profile, self.kv_budget, threshold=self.threshold,
-                             local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
+        return FastGenConfig(self.policy, self.profile, self.kv_budget, head_floor=self.head_floor,
+                             threshold=self.threshold, local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
 
     def to_json(self) -> dict:
         d = {"policy": self.policy, "label": self.label}
         if self.policy == "auto" and self.profile == "budget":
-            d.update(profile="budget", kv_budget=self.kv_budget)
+            d.update(profile="budget", kv_budget=self.kv_budget, head_floor=self.head_floor)
         elif self.policy == "auto":
             d.update(profile="paper", threshold=self.threshold, local_ratio=self.local_ratio,
                      frequent_ratio=self.frequent_ratio)

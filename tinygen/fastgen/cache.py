@@ -19,7 +19,7 @@ import torch
 
 from ..cache import attention_paths, storage_bytes
 from .kinds import TokenKinds
-from .budget import BudgetPlanner, Option, rank_key
+from .budget import BudgetPlanner, Option
 from .policy import (FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, policy_name, protected_kinds,
                      window)
 from .profile import ProfileStats, choose_policies, profiled_attention, recoveries
@@ -72,7 +72,7 @@ class FastGenCache:
         L = k.shape[1]
         assert len(self.kinds) >= L, "feed the prompt's tokens to TokenKinds before prefill"
         if self.cfg.budgeted:
-            # Only the observation window's attention is needed (window=L: no local-window sums).
+            # Column sums and the observation window's sums (window=L: no local-window sums).
             self.stats = ProfileStats(self.n_kv_heads, L, L, q.device, self.cfg.observation)
             out = profiled_attention(q, k, v, self.stats)
             self.length = L
@@ -109,14 +109,20 @@ class FastGenCache:
         t0 = time.perf_counter()
         k, v = self.pending
         L = self.length
-        key = rank_key(self.stats.obs, self.stats.obs_start)  # (n_kv_heads, L)
-        # Scores such that score / (L - pos), the store's ranking, starts as the observation mean.
-        scores = key * torch.arange(L, 0, -1, device=key.device)
+        # Heavy hitters are ranked as fixed policies rank them (mean attention since arrival, over every prompt row):
+        # measured, that keeps better tokens than the observation window's ranking, which serves the allocation.
+        scores = self.stats.colsum
+        key = self.residency_key()  # (n_kv_heads, L)
         self.options = list(options)
         self._build([(o.policy, dataclasses.replace(self.cfg, local_ratio=o.local_ratio,
                                                     frequent_ratio=o.frequent_ratio)) for o in options], k, v, key, scores)
         self.profile_seconds += self.stats.seconds + time.perf_counter() - t0
         self.pending, self.stats = None, None
+
+    def residency_key(self) -> torch.Tensor:
+        """Budget profile: (n_kv_heads, L) the prefill ranking of heavy hitters, mean attention since arrival (the
+        column sum over the L - j prompt rows that saw token j): the ranking decode steps evict by."""
+        return self.stats.colsum / torch.arange(self.length, 0, -1, device=self.stats.colsum.device)
 
     def _build(self, head_cfgs: list[tuple[int, FastGenConfig]], k, v, key, scores):
         """One store per distinct (policy, ratios) of the heads. key: (n_kv_heads, L) heavy-hitter ranking;

@@ -50,7 +50,8 @@ def parse_args():
     p = argparse.ArgumentParser(description="tinygen vs HF transformers generate, CPU or GPU, batch 1, greedy")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout Llama checkpoint directory")
     p.add_argument("--modes", default="float32,bfloat16,int8,int4",
-                   help="tinygen: dtypes and/or quantized modes, comma-separated (default float32,bfloat16,int8,int4)")
+                   help="tinygen: dtypes and/or quantized modes, comma-separated (default float32,bfloat16,int8,int4; "
+                   "float32/int4 keeps the rest of a quantized model in float32 instead of bfloat16)")
     p.add_argument("--hf", default="float32,bfloat16", help="HF transformers dtypes (default float32,bfloat16; "
                    "'' for none)")
     p.add_argument("--runs", type=int, default=5, help="timed rounds (default 5)")
@@ -66,7 +67,8 @@ def parse_args():
     a.out = Path(a.out or ROOT / "bench" / "results" / ("engine_cpu_quick.md" if a.quick else "engine_cpu.md"))
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     a.hf = [d.strip() for d in a.hf.split(",") if d.strip()]
-    assert all(m in DTYPES or m in MODES for m in a.modes), f"--modes: choose from {', '.join([*DTYPES, *MODES])}"
+    ok = lambda m: m in DTYPES or m in MODES or (m.partition("/")[0] in DTYPES and m.partition("/")[2] in MODES)  # noqa: E731
+    assert all(ok(m) for m in a.modes), f"--modes: choose from {', '.join([*DTYPES, *MODES])} or DTYPE/MODE"
     assert all(d in DTYPES for d in a.hf), f"--hf: choose from {', '.join(DTYPES)}"
     assert a.runs >= 1 and a.new_tokens >= 2 and a.prompt_tokens >= 1, "--runs >= 1, --new-tokens >= 2, --prompt-tokens >= 1"
     return a
@@ -74,9 +76,10 @@ def parse_args():
 
 class Tinygen:
     def __init__(self, model_dir, mode: str, ids: list[int], n_new: int):
-        quantize = mode if mode in MODES else None
-        self.name, self.engine, self.mode = f"tinygen {mode}", "tinygen", mode
-        self.dtype = QUANT_DTYPE if quantize else mode
+        dtype, _, quantize = mode.rpartition("/") if "/" in mode else ("", "", mode)
+        quantize = quantize if quantize in MODES else None
+        self.name, self.engine, self.mode = f"tinygen {mode}", "tinygen", quantize or mode
+        self.dtype = (dtype or QUANT_DTYPE) if quantize else mode
         self.model = load_model(model_dir, device="cpu", dtype=self.dtype, quantize=quantize)
         self.ids, self.n_new = ids, n_new
         self.weight_bytes = weight_bytes_per_token(self.model)

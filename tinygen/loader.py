@@ -14,7 +14,7 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .errors import TinygenError
 from .model import Llama
-from .quant import check_mode, quantize_model, transpose_for_cpu
+from .quant import check_mode, cpu_layout, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -127,6 +127,6 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
                 row += shape[0]
     if quantize is not None:
         quantize_model(model, quantize, model_dir, DTYPES[dtype])
-    transpose_for_cpu(model)  # a float32 model's matrices in the layout the CPU reads fastest
+    cpu_layout(model)  # an unquantized model's matrices in the layout the CPU reads fastest
     model.init_rope()
     return model.eval()

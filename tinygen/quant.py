@@ -209,16 +209,45 @@ def quantize_model(model: nn.Module, mode: str, model_dir: Path, dtype: torch.dt
     return "q4_1 blocks" if blocks is not None else "float weights"
 
 
-def transpose_for_cpu(model: nn.Module) -> None:
-    """A float32 model on the CPU stores every matrix as (in, out) and keeps it as a transposed view, so F.linear and
-    the tied head (x @ embed.T) hand the GEMV a contiguous W^T, which the CPU's float32 kernels read faster: a decode
-    step took 23% less time here, prefill the same. bfloat16 gains nothing, and the embedding lookup only gathers."""
+class MkldnnLinear(nn.Module):
+    """A bfloat16 linear layer over oneDNN's prepacked weight (an opaque blocked layout): the same results as
+    F.linear bit for bit here, with the matrix-vector product of decode 1.7-2.8x faster on this CPU."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = w.shape
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1))
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+
+def mkldnn_bf16() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_layout(model: nn.Module) -> None:
+    """Store an unquantized CPU model's matrices in the layout its decode kernels read fastest.
+
+    float32: every matrix as (in, out) behind a transposed view, so F.linear and the tied head (x @ embed.T) hand
+    the GEMV a contiguous W^T (a decode step took 23% less time here, prefill the same; the lookup only gathers).
+    bfloat16 (where oneDNN has bfloat16 kernels): every linear layer and the head prepacked for oneDNN (`MkldnnLinear`);
+    a tied head gets its own packed copy (+dim x vocab x 2 bytes), the embedding stays for lookups."""
     w = model.embed.weight
-    if w.device.type != "cpu" or w.dtype != torch.float32:
+    if w.device.type != "cpu" or any(isinstance(m, (Int8Linear, Int4Linear)) for m in model.modules()):
         return
-    for p in model.parameters():
-        if p.dim() == 2:
-            p.data = p.data.t().contiguous().t()
+    if w.dtype == torch.float32:
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.data = p.data.t().contiguous().t()
+    elif w.dtype == torch.bfloat16 and mkldnn_bf16():
+        with torch.no_grad():
+            for name, lin in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, MkldnnLinear(lin.weight))
+            if model.lm_head is None:
+                model.lm_head = MkldnnLinear(w)
 
 
 def dense(w: torch.Tensor) -> nn.Linear:

@@ -41,6 +41,8 @@ def sweep_plot(sums: list[dict], path: Path, title: str = ""):
     for s in sums:
         x, m = s["summary"], s["method"]
         name = f"auto ({m.get('profile', 'paper')})" if m["policy"] == "auto" else m["policy"]
+        if m.get("head_floor", 1.0) != 1.0:
+            name = f"auto (budget, head floor {m['head_floor']:g})"
         lines.setdefault(name, []).append((x["kept_fraction"]["mean"], x["agreement"]["mean"], x["kl"]["mean"], m))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, pts in lines.items():

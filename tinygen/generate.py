@@ -75,7 +75,7 @@ def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new
         on_tokens(prompt_ids)
     logits = prefill(model, prompt_ids, caches)
     token = sample(logits, sampling, generator)
-    token_id = int(token.item())  # the one host sync per step: reading the sampled token
+    token_id = int(token.item())  # reading the sampled token (in the decode loop below, a step's one host sync)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     pos = len(prompt_ids)
@@ -94,7 +94,7 @@ def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new
             on_tokens([token_id])
         logits = decode_step(model, token, caches, pos)
         token = sample(logits, sampling, generator)
-        token_id = int(token.item())
+        token_id = int(token.item())  # the one host sync per step: reading the sampled token
         pos += 1
         stats.decode_steps += 1
         stats.decode_seconds = time.perf_counter() - t0

@@ -3,8 +3,10 @@
 Heads of one policy keep the same number of tokens at every step (budgets depend only on the length and the token
 kinds), so their rows live in one (heads, capacity, head_dim) tensor and attend in one batched call. Rows are packed:
 row r of head h holds the token at position `pos[h, r]`; `bitmap[h]` marks (one bit per position) which tokens head
-h holds. Rows [0, kept) are resident; row `kept` (or, after an eviction, each head's freed row) takes the next token,
-so evictions reuse slots and nothing is compacted. Which token leaves differs per head and is found on the device;
+h holds. A head's resident rows are [0, kept), except after an eviction: then one row below `kept + 1` (the head's
+`free` row) holds the evicted token, which attention no longer reads once the next token overwrites it. The next
+token goes to row `kept`, or after an eviction to each head's freed row, so evictions reuse slots and nothing is
+compacted. Which token leaves differs per head and is found on the device;
 how many leave is known on the host, so a decode step needs no device sync.
 
 A step is `append` (write the new token), attention, `settle` (keep it or evict one per head). On the CPU a store

@@ -1,3 +1,5 @@
+import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,3 +51,43 @@ def default_model_dir():
     if not (DEFAULT_MODEL / "model.safetensors").is_file():
         pytest.skip("default weights not prepared (run `make weights`)")
     return DEFAULT_MODEL
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, default_model_dir):
+    """A tiny random model with the default tokenizer (vocabulary-sized embedding), fast to load."""
+    path = tmp_path_factory.mktemp("tinychat")
+    save_tiny_model(path, vocab_size=49152, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, path / name)
+    return path
+
+
+def assert_one_line_error(result, *fragments, code=None):
+    """A command's bad-input failure: exit status `code` (any non-zero if None), one `error: ` line on stderr that
+    holds every fragment, no traceback."""
+    if code is None:
+        assert result.returncode != 0, result.stderr
+    else:
+        assert result.returncode == code, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def kept_set(option, key: torch.Tensor, L: int) -> torch.Tensor:
+    """(L,) bool: what a budget-profile option keeps, from the definitions: the last w tokens, then the k
+    best-ranked older ones (ties: the earlier position)."""
+    from tinygen.fastgen.policy import FULL, LOCAL
+
+    if option.policy & FULL:
+        return torch.ones(L, dtype=torch.bool)
+    w = math.ceil(option.local_ratio * L) if option.policy & LOCAL else 0
+    k = min(L - w, math.ceil(option.frequent_ratio * L))
+    keep = torch.zeros(L, dtype=torch.bool)
+    keep[L - w :] = True
+    older = sorted(range(L - w), key=lambda j: (-float(key[j]), j))
+    keep[older[:k]] = True
+    return keep

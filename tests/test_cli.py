@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, save_tiny_model
+from conftest import ROOT, assert_one_line_error
 from safetensors.torch import load_file, save_file
 
 
@@ -19,22 +19,7 @@ def cli(*args, timeout=120):
 
 
 def assert_error(result, code, *fragments):
-    assert result.returncode == code, (result.returncode, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def chat_model(tmp_path_factory, default_model_dir):
-    """A tiny random model with the default tokenizer (vocabulary-sized embedding), fast to load."""
-    path = tmp_path_factory.mktemp("tinychat")
-    save_tiny_model(path, vocab_size=49152, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, path / name)
-    return path
+    assert_one_line_error(result, *fragments, code=code)
 
 
 def broken_copy(src, dst, edit):

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, assert_one_line_error, kept_set
 
-from tinygen.eval.predict import (RecordingCache, actual_recovery, analyse, kept_masks, paper_kept, record,
-                                  summarise, allocation_study)
+from tinygen.eval.predict import RecordingCache, actual_recovery, allocation_study, analyse, kept_masks, paper_kept, record
+from tinygen.eval.predict_report import summarise
 from tinygen.fastgen.budget import MENU, option_recoveries, rank_key
-from tinygen.fastgen.policy import CANDIDATES, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
+from tinygen.fastgen.policy import CANDIDATES, PUNCT, SPECIAL, FastGenConfig
 from tinygen.fastgen.profile import ProfileStats, recoveries
 from tinygen.generate import decode_step, full_caches, prefill
 
@@ -67,18 +67,6 @@ def test_recording_cache_matches_the_full_cache(tiny):
     assert out == ref and len(caches[0].gen_rows) == 4  # the last token's row is recorded too
 
 
-def kept_by_definition(option, key, L):
-    """What an option keeps: the last w tokens, then the k best-ranked older ones (ties: earlier position)."""
-    if option.policy & FULL:
-        return torch.ones(L, dtype=torch.bool)
-    w = math.ceil(option.local_ratio * L) if option.policy & LOCAL else 0
-    k = min(L - w, math.ceil(option.frequent_ratio * L))
-    keep = torch.zeros(L, dtype=torch.bool)
-    keep[L - w :] = True
-    keep[sorted(range(L - w), key=lambda j: (-float(key[j]), j))[:k]] = True
-    return keep
-
-
 @pytest.mark.parametrize("L,obs", [(23, 8), (40, 32), (9, 32)])
 def test_kept_masks_match_definitions_and_option_recoveries(L, obs):
     attn = causal_map(3, L, seed=L)
@@ -89,7 +77,7 @@ def test_kept_masks_match_definitions_and_option_recoveries(L, obs):
     masks = kept_masks(key, MENU)
     for h in range(3):
         for i, opt in enumerate(MENU):
-            assert torch.equal(masks[h, i], kept_by_definition(opt, key[h], L)), (h, opt.label)
+            assert torch.equal(masks[h, i], kept_set(opt, key[h], L)), (h, opt.label)
     # the recovery option_recoveries predicts is the observation attention on exactly these sets
     key = rank_key(o, start)
     masks = kept_masks(key, MENU)
@@ -183,10 +171,7 @@ def run_predict(*args, timeout=120):
 def test_bad_input_is_one_line(tmp_path):
     for args, fragment in [(["--prompts", tmp_path / "missing.jsonl"], "cannot read"),
                            (["--prompts", "x", "--limit", "0"], "--limit"), ([], "--prompts")]:
-        r = run_predict(*args)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
-        assert fragment in lines[0] and "Traceback" not in r.stderr
+        assert_one_line_error(run_predict(*args), fragment)
 
 
 def test_end_to_end_on_the_real_model(default_model_dir, tmp_path):

@@ -2,15 +2,14 @@
 uniform allocations and exhaustive search, stores with per-head ratios against dense masked attention, and the kept
 fraction on the real model."""
 import itertools
-import math
 
 import pytest
 import torch
 from test_fastgen_model import book_prompt, engine  # noqa: F401  (the real-model fixture)
-from test_fastgen_store import L0, N_KV, one_thread, resident, run  # noqa: F401
+from test_fastgen_store import L0, one_thread, resident, run  # noqa: F401  (one_thread: an autouse fixture)
 
 import tinygen.fastgen.budget as budget
-from conftest import DEVICES
+from conftest import DEVICES, kept_set
 from tinygen.cache import kept_fraction
 from tinygen.fastgen.budget import MENU, Option, allocate, option_recoveries, rank_key
 from tinygen.fastgen.cache import fastgen_caches
@@ -26,19 +25,6 @@ def observation_map(heads, L, rows, seed):
     scores = scores.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
     attn = torch.softmax(scores, -1)
     return attn, attn[:, L - rows :].sum(1)
-
-
-def kept_set(option: Option, key: torch.Tensor, L: int) -> torch.Tensor:
-    """(L,) bool: what a head keeps, from the definitions: the last w tokens, then the k best-ranked older ones."""
-    if option.policy & FULL:
-        return torch.ones(L, dtype=torch.bool)
-    w = math.ceil(option.local_ratio * L) if option.policy & LOCAL else 0
-    k = min(L - w, math.ceil(option.frequent_ratio * L))
-    keep = torch.zeros(L, dtype=torch.bool)
-    keep[L - w :] = True
-    older = sorted(range(L - w), key=lambda j: (-float(key[j]), j))
-    keep[older[:k]] = True
-    return keep
 
 
 @pytest.mark.parametrize("L,rows", [(37, 10), (64, 64), (9, 1)])

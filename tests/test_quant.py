@@ -150,28 +150,19 @@ def test_missing_kernel_and_unknown_mode(monkeypatch):
         quant.check_mode("int8", torch.device("cpu"))
 
 
-@pytest.fixture(scope="module")
-def chat_model_q(tmp_path_factory, default_model_dir):
-    path = tmp_path_factory.mktemp("tinychat_q")
-    save_tiny_model(path, vocab_size=49152, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, path / name)
-    return path
-
-
-def test_cli_quantized_generation_with_fastgen(chat_model_q, tmp_path):
+def test_cli_quantized_generation_with_fastgen(chat_model, tmp_path):
     out = tmp_path / "stats.json"
-    r = cli("--model", chat_model_q, "--prompt", "tell me a story", "--quantize", "int4", "--dtype", "bfloat16",
+    r = cli("--model", chat_model, "--prompt", "tell me a story", "--quantize", "int4", "--dtype", "bfloat16",
             "--max-new-tokens", 6, "--ignore-eos", "--stats-json", out)  # --policy auto is the default
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
     assert stats["generated_tokens"] == 6 and stats["quantize"] == "int4" and 0 < stats["kept_fraction"] <= 1
 
 
-def test_cli_bad_quantize_inputs(chat_model_q, tmp_path):
-    assert_error(cli("--model", chat_model_q, "--prompt", "hi", "--quantize", "int3"), 1, "unknown --quantize mode")
+def test_cli_bad_quantize_inputs(chat_model, tmp_path):
+    assert_error(cli("--model", chat_model, "--prompt", "hi", "--quantize", "int3"), 1, "unknown --quantize mode")
     odd = tmp_path / "odd"
-    shutil.copytree(chat_model_q, odd)
+    shutil.copytree(chat_model, odd)
     cfg = json.loads((odd / "config.json").read_text())
     save_tiny_model(odd, **{k: cfg[k] for k in ("vocab_size", "max_position_embeddings")}, hidden_size=48, head_dim=12)
     assert_error(cli("--model", odd, "--prompt", "hi", "--quantize", "int4"), 1, "int4", "multiples of 32", "int8")

@@ -88,13 +88,19 @@ class FullCache:
         self.prefill_path, self.decode_path = paths or attention_paths(self.k.device)
         self._tables = None  # (lengths, starts, q_first) int32 on the device, made at the first kernel decode
 
-    def attend(self, q, k, v):
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write T new tokens' k, v (n_kv_heads, T, head_dim) by index; returns every cached key and value so far."""
         T, start = k.shape[1], self.length
         assert start + T <= self.max_len, f"cache full: {start} + {T} > {self.max_len}"
         self.k[:, start : start + T] = k
         self.v[:, start : start + T] = v
         self.length = end = start + T
-        keys, values = self.k[:, :end], self.v[:, :end]
+        return self.k[:, :end], self.v[:, :end]
+
+    def attend(self, q, k, v):
+        T, start = k.shape[1], self.length
+        keys, values = self.append(k, v)
+        end = self.length
         scale = q.shape[-1] ** -0.5
         if T == 1:
             if self.decode_path == "triton":

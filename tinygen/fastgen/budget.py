@@ -150,7 +150,7 @@ class BudgetPlanner:
             return
         t0 = time.perf_counter()
         first, L = self.waiting[0], self.waiting[0].length
-        rec = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, self.menu, c.residency_key())
+        rec = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, self.menu, c.stats.mean_attention())
                          for c in self.waiting])
         cost = torch.tensor([o.kept(L) / L for o in self.menu], dtype=torch.float64)
         choice = allocate(rec, cost, self.kv_budget, self.floor)

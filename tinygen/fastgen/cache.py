@@ -97,7 +97,7 @@ class FastGenCache:
             key = stats.colsum
         elif stats is not None:
             # Fixed policies rank as decode steps evict: mean attention, the column sum over the L - j rows that saw j.
-            key = stats.colsum / torch.arange(L, 0, -1, device=q.device)
+            key = stats.mean_attention()
         self._build([(p, self.cfg) for p in self.policies], k, v, key, stats.colsum if stats is not None else None)
         if q.is_cuda:
             torch.cuda.synchronize()
@@ -108,21 +108,15 @@ class FastGenCache:
         """Budget profile: keep, per KV head, what its option keeps of the prompt (called by the BudgetPlanner)."""
         t0 = time.perf_counter()
         k, v = self.pending
-        L = self.length
         # Heavy hitters are ranked as fixed policies rank them (mean attention since arrival, over every prompt row):
         # measured, that keeps better tokens than the observation window's ranking, which serves the allocation.
         scores = self.stats.colsum
-        key = self.residency_key()  # (n_kv_heads, L)
+        key = self.stats.mean_attention()  # (n_kv_heads, L)
         self.options = list(options)
         self._build([(o.policy, dataclasses.replace(self.cfg, local_ratio=o.local_ratio,
                                                     frequent_ratio=o.frequent_ratio)) for o in options], k, v, key, scores)
         self.profile_seconds += self.stats.seconds + time.perf_counter() - t0
         self.pending, self.stats = None, None
-
-    def residency_key(self) -> torch.Tensor:
-        """Budget profile: (n_kv_heads, L) the prefill ranking of heavy hitters, mean attention since arrival (the
-        column sum over the L - j prompt rows that saw token j): the ranking decode steps evict by."""
-        return self.stats.colsum / torch.arange(self.length, 0, -1, device=self.stats.colsum.device)
 
     def _build(self, head_cfgs: list[tuple[int, FastGenConfig]], k, v, key, scores):
         """One store per distinct (policy, ratios) of the heads. key: (n_kv_heads, L) heavy-hitter ranking;

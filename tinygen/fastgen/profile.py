@@ -28,6 +28,11 @@ class ProfileStats:
         self.local = torch.zeros(n_kv_heads, device=device)  # attention inside each row's window, summed over rows
         self.seconds = 0.0  # time spent here (host time: on CUDA it counts launches, not kernels)
 
+    def mean_attention(self) -> torch.Tensor:
+        """(n_kv_heads, L) each token's mean attention since it arrived: its column sum over the L - j prompt rows
+        that saw it. The ranking decode steps evict `frequent` tokens by (scores / queries that saw them)."""
+        return self.colsum / torch.arange(self.length, 0, -1, device=self.colsum.device)
+
     def add(self, probs: torch.Tensor, row0: int):
         """probs: (n_kv_heads, B, C) float32 for query rows row0.. row0+B-1 over keys 0..C-1 (rows sum to 1)."""
         t0 = time.perf_counter()

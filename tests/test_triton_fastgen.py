@@ -85,3 +85,15 @@ def test_triton_fastgen_matches_torch_path_half(device, dtype, kernels, monkeypa
     for i, (want, got) in enumerate(zip(outs["torch"], outs["triton"])):
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"step {i}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_fastgen_after_chunks(device, kernel_path, force_policies):  # noqa: F811
+    """Chunks (a chat's next turn) grow, evict, compact and shrink the stores: the kernel's address tables follow,
+    and the decode steps after each chunk still match dense attention over what each head holds."""
+    policies, (r_l, r_f) = MIXED["shared-noncontiguous"]
+    force_policies(policies)
+    cfg = FastGenConfig(policy="auto", profile="paper", local_ratio=r_l, frequent_ratio=r_f, growth_block=4)
+    steps, chunks = 60, {10: 30, 40: 50}
+    cache, _ = run(cfg, device, steps=steps, seed=6, expect_policies=policies, chunks=chunks)
+    assert kernel_path == {"attention": steps - len(chunks), "scores": steps - len(chunks)}

@@ -3,7 +3,8 @@
 It implements the same `attend(q, k, v)` / `nbytes()` interface as the full cache, so the model does not know
 which cache it runs with. Prefill attends over the whole prompt (block by block, collecting the profile), picks
 each KV head's policy, and keeps the chosen rows in one `PolicyStore` per policy (and set of ratios); the prompt's
-full K/V of the layer is then dropped. A decode step attends over every store of the layer in one Triton kernel
+full K/V of the layer is then dropped. Later chunks of several tokens (a chat's next turn) keep each head's
+policy and go through the stores' `extend`. A decode step attends over every store of the layer in one Triton kernel
 launch on CUDA (`LayerRows`), and in one batched PyTorch attention per store on the CPU.
 
 With the paper's profile a layer compresses right after its own prefill, so only one layer's full K/V exists at a
@@ -48,11 +49,18 @@ class FastGenCache:
         T = k.shape[1]
         if self.length == 0:
             return self._prefill(q, k, v)
-        assert T == 1, "FastGenCache takes the prompt in one prefill, then one token per step"
         if self.pending is not None:  # some layer never reached the planner (e.g. a layer swapped for a full cache)
             self.planner.plan()
-        self.length += 1
+        self.length += T
         assert self.length <= self.max_len, f"cache full: {self.length} > {self.max_len}"
+        assert len(self.kinds) >= self.length, "feed new tokens to TokenKinds before the model sees them"
+        if T > 1:  # a chunk after the prompt (a chat's next turn): each head keeps its policy
+            out = torch.empty_like(q)
+            for store in self.stores:
+                out.index_copy_(0, store.q_index, store.extend(q, k, v, self.length))
+            if self.rows is not None:
+                self.rows.refresh()
+            return out
         if self.rows is not None:  # CUDA: every store's attention in one kernel launch
             grew = [store.append(k, v, self.length) for store in self.stores]
             if any(grew):

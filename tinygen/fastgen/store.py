@@ -11,12 +11,17 @@ how many leave is known on the host, so a decode step needs no device sync.
 
 A step is `append` (write the new token), attention, `settle` (keep it or evict one per head). On the CPU a store
 attends on its own (`attend`, batched PyTorch); on CUDA `LayerRows` attends every store of a layer in one kernel launch.
+
+A chunk of several new tokens after the prompt (a chat's next turn) is `extend`: the chunk attends causally over the
+resident rows and its own earlier tokens, adds that attention to the scores, then each head evicts down to its
+budget at the new length by the ranking a decode step evicts by, and the store is compacted (a chunk is a prefill,
+not the hot path).
 """
 from __future__ import annotations
 
 import torch
 
-from ..attention import compute_dtype
+from ..attention import causal_attention, compute_dtype
 from .kinds import TokenKinds
 from .policy import FREQUENT, LOCAL, FastGenConfig, kept_count, protected_kinds, window
 
@@ -65,14 +70,20 @@ class PolicyStore:
         return max(self.cfg.growth_block, kept // 16)
 
     def _grow(self, rows: int):
-        cap = min(self.max_len, rows - 1 + self.block_rows(rows - 1))  # one block beyond what is kept
-        def bigger(t, fill=0):
+        """Make room for `rows` rows, plus one block beyond what is then kept."""
+        self._reallocate(min(self.max_len, rows - 1 + self.block_rows(rows - 1)))
+
+    def _reallocate(self, cap: int):
+        """Move every per-row tensor to a capacity of `cap` rows, keeping the first min(cap, capacity) rows."""
+        n = min(cap, self.k.shape[1])
+
+        def moved(t, fill=0):
             new = torch.full((t.shape[0], cap) + tuple(t.shape[2:]), fill, dtype=t.dtype, device=t.device)
-            new[:, : t.shape[1]] = t
+            new[:, :n] = t[:, :n]
             return new
-        self.k, self.v, self.pos, self.prot = bigger(self.k), bigger(self.v), bigger(self.pos, -1), bigger(self.prot)
+        self.k, self.v, self.pos, self.prot = moved(self.k), moved(self.v), moved(self.pos, -1), moved(self.prot)
         if self.score is not None:
-            self.score = bigger(self.score)
+            self.score = moved(self.score)
 
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
         """One step in PyTorch: store the new token (position length-1), attend, evict at most one token per head.
@@ -157,13 +168,76 @@ class PolicyStore:
         self.bitmap.scatter_(1, byte, self.bitmap.gather(1, byte) & ~(torch.ones_like(bit) << bit))
         self.free, self.hole = victim, True
 
+    def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
+        """A chunk of T new tokens at positions length-T .. length-1: write them after the resident rows, attend
+        each causally over the resident rows and the chunk's tokens up to itself, add that attention to the scores,
+        then evict down to the budget at `length`.
+        q: (n_heads, T, head_dim), k/v: (n_kv_heads, T, head_dim) -> (heads * groups, T, head_dim) for q_index."""
+        T = k.shape[1]
+        self._close_hole()
+        kept, first = self.kept, length - T
+        if kept + T > self.k.shape[1]:
+            self._grow(kept + T)
+        if not self.all_heads:
+            q, k, v = q[self.q_index], k[self.kv_index], v[self.kv_index]
+        rows = kept + T
+        self.k[:, kept:rows], self.v[:, kept:rows] = k, v
+        self.pos[:, kept:rows] = torch.arange(first, length, dtype=torch.int32, device=k.device)
+        self.prot[:, kept:rows] = (self.kinds.by_position[first:length] & self.protect) != 0
+        on_block = None
+        if self.score is not None:
+            self.score[:, kept:rows] = 0.0
+
+            def on_block(probs, r0):  # probs: (heads, groups, B, keys) -> each key's attention, group-averaged
+                self.score[:, : probs.shape[-1]] += probs.mean(dim=1).sum(dim=1)
+
+        out = causal_attention(q, self.k[:, :rows], self.v[:, :rows], kept, on_block)
+        self._keep_best(rows, length)
+        return out
+
+    def _close_hole(self):
+        """Make rows [0, kept) exactly the resident ones: move the last row into each head's freed row."""
+        if not self.hole:
+            return
+        last, heads = self.kept, self.k.shape[0]
+        for t in self.row_tensors():
+            idx = self.free.view(heads, *([1] * (t.dim() - 1))).expand(heads, 1, *t.shape[2:])
+            t.scatter_(1, idx, t[:, last : last + 1].clone())
+        self.hole = False
+
+    def _keep_best(self, rows: int, length: int):
+        """Keep, per head, min(rows, budget at `length`) of resident rows [0, rows): protected tokens and the local
+        window, then the highest mean attention since arrival (or, without `frequent`, the newest); compact them
+        into rows [0, kept) and rebuild the bitmaps."""
+        target = min(rows, kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n),
+                                      self.cfg))
+        if target < rows:
+            pos = self.pos[:, :rows]
+            must = self.prot[:, :rows]
+            if self.policy & LOCAL:
+                must = must | (pos >= length - window(self.policy, length, self.cfg))
+            key = self.score[:, :rows] / (length - pos) if self.score is not None else pos.float()
+            chosen = key.masked_fill(must, float("inf")).topk(target, dim=1).indices.sort(dim=1).values
+            for t in self.row_tensors():
+                idx = chosen.view(*chosen.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
+                t[:, :target] = t.gather(1, idx)
+            self.bitmap.zero_()
+            if self.k.shape[1] > target + self.block_rows(target):  # give back what the chunk's rows took
+                self._reallocate(min(self.max_len, target + self.block_rows(target)))
+        self._set_bits(self.pos[:, :target].long())
+        self.kept = target
+
     def resident_mask(self, length: int) -> torch.Tensor:
         """(heads, length) bool from the bitmaps (for tests and the dense reference)."""
         bits = (self.bitmap[:, :, None] >> torch.arange(8, device=self.bitmap.device, dtype=torch.uint8)) & 1
         return bits.flatten(1)[:, :length].bool()
 
+    def row_tensors(self):
+        """The per-row tensors, (heads, capacity, ...): K, V, positions, protected flags, and scores with `frequent`."""
+        return [t for t in (self.k, self.v, self.pos, self.prot, self.score) if t is not None]
+
     def tensors(self):
-        return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]
+        return self.row_tensors() + [self.bitmap, self.free]
 
 
 class LayerRows:

@@ -184,16 +184,16 @@ class PolicyStore:
         self.k[:, kept:rows], self.v[:, kept:rows] = k, v
         self.pos[:, kept:rows] = torch.arange(first, length, dtype=torch.int32, device=k.device)
         self.prot[:, kept:rows] = (self.kinds.by_position[first:length] & self.protect) != 0
-        on_block = None
         if self.score is not None:
             self.score[:, kept:rows] = 0.0
-
-            def on_block(probs, r0):  # probs: (heads, groups, B, keys) -> each key's attention, group-averaged
-                self.score[:, : probs.shape[-1]] += probs.mean(dim=1).sum(dim=1)
-
+        on_block = self._add_scores if self.score is not None else None
         out = causal_attention(q, self.k[:, :rows], self.v[:, :rows], kept, on_block)
         self._keep_best(rows, length)
         return out
+
+    def _add_scores(self, probs: torch.Tensor, row0: int):
+        """A block of chunk rows' attention, (heads, groups, B, keys): add each key's, group-averaged, to its score."""
+        self.score[:, : probs.shape[-1]] += probs.mean(dim=1).sum(dim=1)
 
     def _close_hole(self):
         """Make rows [0, kept) exactly the resident ones: move the last row into each head's freed row."""

@@ -58,3 +58,35 @@ def run_main(run, args) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+class PrefillProgress:
+    """A progress line on stderr while a long prefill runs: tokens done of the total and tokens per second.
+
+    A prefill runs layer by layer over all of its tokens, so progress is counted in tokens' worth of work: after
+    layer i of n, (i + 1) / n of the tokens. Shown for prefills of at least `min_tokens` tokens when stderr is a
+    terminal, or whenever `force` (--progress) asks for it."""
+
+    def __init__(self, n_layers: int, force: bool = False, min_tokens: int = 1024, every: float = 0.2):
+        self.n_layers, self.min_tokens, self.every = n_layers, min_tokens, every
+        self.show = force or sys.stderr.isatty()
+
+    def callback(self, n_tokens: int):
+        """The `on_layer` callback for a prefill of n_tokens, or None when no line is to be shown."""
+        if not self.show or n_tokens < self.min_tokens:
+            return None
+        import time
+
+        t0 = last = time.perf_counter()
+
+        def on_layer(i: int):
+            nonlocal last
+            now = time.perf_counter()
+            if now - last < self.every and i + 1 < self.n_layers:
+                return
+            last = now
+            done = n_tokens * (i + 1) // self.n_layers
+            rate = done / max(now - t0, 1e-9)
+            end = "\n" if i + 1 == self.n_layers else ""
+            print(f"\r[prefill {done}/{n_tokens} tokens, {rate:.0f} tok/s]", end=end, file=sys.stderr, flush=True)
+        return on_layer

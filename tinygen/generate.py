@@ -35,10 +35,13 @@ def full_caches(model: Llama, max_len: int) -> list[FullCache]:
 
 
 @torch.inference_mode()
-def prefill(model: Llama, prompt_ids: list[int], caches: list[KVCache]) -> torch.Tensor:
-    """Run the whole prompt through the model, filling the caches; returns the last position's logits (vocab,)."""
+def prefill(model: Llama, prompt_ids: list[int], caches: list[KVCache], start_pos: int = 0,
+            on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Run the prompt's tokens (at positions start_pos..) through the model, filling the caches; returns the last
+    position's logits (vocab,). start_pos > 0 continues a cache that has seen start_pos tokens (a chat's next turn).
+    on_layer(i) is called as each layer finishes (progress)."""
     tokens = torch.tensor(prompt_ids, dtype=torch.long, device=model.embed.weight.device)
-    return model(tokens, caches, start_pos=0, last_only=True)[0]
+    return model(tokens, caches, start_pos=start_pos, last_only=True, on_layer=on_layer)[0]
 
 
 @torch.inference_mode()
@@ -50,18 +53,20 @@ def decode_step(model: Llama, token: torch.Tensor, caches: list[KVCache], pos: i
 def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), eos_ids=frozenset(), ignore_eos: bool = False,
              stats: GenerationStats | None = None,
-             on_tokens: Callable[[list[int]], None] | None = None) -> Iterator[int]:
+             on_tokens: Callable[[list[int]], None] | None = None, start_pos: int = 0,
+             on_layer: Callable[[int], None] | None = None) -> Iterator[int]:
     """Yield generated token ids. `stats` (if given) is filled in as generation goes, stop reason included.
 
     `on_tokens(ids)` is called with each batch of ids just before the model sees them (caches that need to know
-    token kinds, like FastGen's, hook in here).
+    token kinds, like FastGen's, hook in here). `start_pos` > 0: the caches have seen that many tokens and
+    `prompt_ids` continue them (a chat's next turn). `on_layer` reports the prefill's progress (see `prefill`).
     """
     stats = stats if stats is not None else GenerationStats()
     limit = model.cfg.max_seq_len
     if not prompt_ids:
         raise TinygenError("the prompt is empty")
-    if len(prompt_ids) >= limit:
-        raise TinygenError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    if start_pos + len(prompt_ids) >= limit:
+        raise TinygenError(f"the prompt has {start_pos + len(prompt_ids)} tokens; the model's context is {limit}")
     device = model.embed.weight.device
     generator = None
     if sampling.seed is not None:
@@ -73,12 +78,12 @@ def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new
     t0 = time.perf_counter()
     if on_tokens:
         on_tokens(prompt_ids)
-    logits = prefill(model, prompt_ids, caches)
+    logits = prefill(model, prompt_ids, caches, start_pos, on_layer)
     token = sample(logits, sampling, generator)
     token_id = int(token.item())  # reading the sampled token (in the decode loop below, a step's one host sync)
     stats.prefill_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pos = len(prompt_ids)
+    pos = start_pos + len(prompt_ids)
     while True:
         if token_id in eos_ids and not ignore_eos:
             stats.stop_reason = "eos"

@@ -86,16 +86,20 @@ class Llama(nn.Module):
         cos, sin = rope_tables(self.cfg, w.device)
         self.rope_cos, self.rope_sin = cos.to(w.dtype), sin.to(w.dtype)
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache], start_pos: int, last_only: bool = False):
-        """tokens: (T,) ids at positions start_pos..start_pos+T-1 -> logits (T, vocab) float32 ((1, vocab) if last_only)."""
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache], start_pos: int, last_only: bool = False,
+                on_layer=None):
+        """tokens: (T,) ids at positions start_pos..start_pos+T-1 -> logits (T, vocab) float32 ((1, vocab) if last_only).
+        on_layer(i), if given, is called after layer i (progress of a long prefill)."""
         T = tokens.shape[0]
         assert len(caches) == self.cfg.n_layers, "one cache per layer"
         assert start_pos + T <= self.cfg.max_seq_len, f"position {start_pos + T} beyond context {self.cfg.max_seq_len}"
         cos = self.rope_cos[start_pos : start_pos + T]
         sin = self.rope_sin[start_pos : start_pos + T]
         x = self.embed(tokens)  # (T, dim)
-        for layer, cache in zip(self.layers, caches):
+        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
             x = layer(x, cos, sin, cache)
+            if on_layer is not None:
+                on_layer(i)
         if last_only:
             x = x[-1:]
         x = self.norm(x)

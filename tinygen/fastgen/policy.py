@@ -60,7 +60,7 @@ class FastGenConfig:
     threshold: float = 0.98  # paper profile: T, the attention a policy must recover
     local_ratio: float = 0.3  # paper profile and fixed policies: r_l
     frequent_ratio: float = 0.3  # paper profile and fixed policies: r_f
-    growth_block: int = 16  # fewest rows a store grows by when full (see PolicyStore.block_rows)
+    growth_block: int = 4  # fewest rows a store grows by when full (see PolicyStore.block_rows)
 
     def __post_init__(self):
         if self.profile not in PROFILES:

@@ -1,0 +1,157 @@
+"""`cli.py --chat`: the persisted cache changes nothing for the full cache; later turns prefill only their own
+tokens; FastGen keeps its budget across turns; piped and real-terminal (tmux) sessions, commands and bad input."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from conftest import ROOT
+
+from tinygen.chat import ChatSession
+from tinygen.fastgen.policy import FastGenConfig
+from tinygen.generate import full_caches, generate
+from tinygen.loader import load_model
+from tinygen.sampling import SamplingParams
+from tinygen.tokenizer import Tokenizer
+
+TURNS = ["Name three colours of the rainbow.", "Which of them is the warmest?", "Say it in French."]
+
+
+@pytest.fixture(scope="module")
+def engine(default_model_dir):
+    model = load_model(default_model_dir)
+    return model, Tokenizer(default_model_dir, model.cfg.eos_token_ids)
+
+
+def chat(engine, policy: str, turns, max_new_tokens=24, **cfg):
+    model, tok = engine
+    session = ChatSession(model, tok, FastGenConfig(policy, **cfg), SamplingParams(), max_new_tokens)
+    answers, records = [], []
+    for text in turns:
+        out = []
+        records.append(session.turn(text, out.append))
+        answers.append("".join(out))
+    return session, answers, records
+
+
+def test_full_cache_chat_equals_prefilling_the_conversation_from_scratch(engine):
+    """Greedy, float32: turn n's answer equals a fresh full cache's answer to the whole conversation rendered and prefilled at once,
+    and the conversation's ids are what the template renders, tokenized from scratch."""
+    model, tok = engine
+    session, answers, records = chat(engine, "full", TURNS)
+    messages = []
+    for i, text in enumerate(TURNS):
+        messages.append({"role": "user", "content": text})
+        ids = tok.encode(tok.render_chat(messages))
+        fresh = list(generate(model, ids, full_caches(model, model.cfg.max_seq_len), 24, eos_ids=tok.eos_ids))
+        assert answers[i] == tok.decode(fresh), (i, answers[i], tok.decode(fresh))
+        messages.append({"role": "assistant", "content": answers[i]})
+    assert session.conv.ids == tok.encode(tok.render_chat(messages, add_generation_prompt=False))[:len(session.conv.ids)]
+    # answers cut at the token limit: their last token reaches the cache with the next turn
+    assert records[0]["stop_reason"] == "length" and records[1]["prompt_tokens"] > len(tok.encode(TURNS[1]))
+
+
+def test_later_turns_prefill_only_their_own_tokens(engine):
+    """Turn 2's prefill is its own rendering (the history is never prefilled again) and FastGen keeps its budget
+    across turns: the kept fraction stays within 0.02 of --kv-budget and the bytes are those of what is kept."""
+    model, tok = engine
+    session, _, records = chat(engine, "auto", TURNS[:2], max_new_tokens=80, kv_budget=0.6)
+    first, second = records
+    assert first["stop_reason"] == second["stop_reason"] == "eos", records
+    assert first["prompt_tokens"] == len(tok.encode(tok.render_chat(session.conv.messages[:1])))
+    # new in turn 2: the answer's end (<|im_end|>, the EOS that stopped it, never fed back) and the second message
+    whole = tok.encode(tok.render_chat(session.conv.messages[:3]))  # user 1, assistant 1, user 2, from scratch
+    assert second["prompt_tokens"] == len(whole) - first["context_tokens"] < 25
+    assert second["context_tokens"] == len(whole) + second["generated_tokens"] == session.seen
+    for r in records:
+        assert r["kept_fraction"] == pytest.approx(0.6, abs=0.02)
+        assert r["kv_bytes"] < 0.75 * r["kv_bytes_full"]
+
+
+def cli_chat(model_dir, stdin: bytes, *args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), "--chat", "--model", str(model_dir), *map(str, args)],
+                          input=stdin, capture_output=True, timeout=timeout, cwd=ROOT)
+
+
+def test_piped_chat_commands_and_bad_input(chat_model, tmp_path):
+    """One user turn per line; empty lines ignored; an unknown command lists the commands; a non-UTF-8 line and a
+    turn past the context get one line each and the session goes on; /reset starts again; /exit ends with 0."""
+    stats = tmp_path / "turns.json"
+    long_turn = b"word " * 200  # far past the tiny model's 64-token context
+    script = (b"hi\n\n/frobnicate\n\xff\xfe bad bytes\n" + long_turn + b"\n/stats\n/reset\nhello again\n/exit\n"
+              b"never read\n")
+    r = cli_chat(chat_model, script, "--max-new-tokens", 3, "--ignore-eos", "--policy", "full",
+                 "--stats-json", stats)
+    err = r.stderr.decode()
+    assert r.returncode == 0, err
+    assert "Traceback" not in err
+    assert "unknown command /frobnicate: /reset" in err and "/stats" in err and "/exit" in err
+    assert "not UTF-8" in err
+    assert "past the model's context of 64" in err
+    assert "[new conversation]" in err
+    records = json.loads(stats.read_text())
+    assert len(records) == 2  # "hi" and "hello again"; nothing after /exit
+    assert [r["generated_tokens"] for r in records] == [3, 3]
+    assert records[1]["context_tokens"] == records[1]["prompt_tokens"] + 3  # /reset: the history is gone
+    assert set(records[0]) >= {"prompt_tokens", "context_tokens", "generated_tokens", "decode_tokens_per_second",
+                               "kept_fraction", "kv_bytes", "kv_bytes_full"}
+    assert r.stdout.decode().endswith("\n") and "error" not in r.stdout.decode()  # answers only on stdout
+
+
+def test_chat_reaching_the_context_stays_usable_after_reset(chat_model):
+    r = cli_chat(chat_model, b"hi\nmore\n/reset\nhi\n", "--max-new-tokens", 100, "--ignore-eos", "--policy", "full")
+    err = r.stderr.decode()
+    assert r.returncode == 0 and "Traceback" not in err, err
+    assert err.count("reached the model's context of 64") == 2  # the first "hi" and the one after /reset
+    assert err.count("past the model's context") == 1  # "more" does not fit any longer
+
+
+def test_chat_flag_conflicts():
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--chat", "--no-chat"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: --chat needs the chat template"), r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--chat", "--prompt", "x"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux not installed")
+def test_chat_in_a_real_terminal(default_model_dir, tmp_path):
+    """As a person uses it, in a tmux pane: the prompt, a streamed answer, Ctrl-C stopping an endless answer while
+    the session goes on, /stats, and Ctrl-D ending the session with status 0."""
+    name = f"tinygen-{uuid.uuid4().hex[:8]}"
+    status = tmp_path / "status"
+    command = (f"{sys.executable} {ROOT / 'cli.py'} --chat --policy auto --ignore-eos --max-new-tokens 100000; "
+               f"echo $? > {status}; sleep 60")
+    tmux = lambda *a: subprocess.run(["tmux", *a], capture_output=True, text=True, check=True)
+    pane = lambda: tmux("capture-pane", "-p", "-J", "-S", "-200", "-t", name).stdout
+
+    def wait_for(check, what, timeout=90):
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            text = pane()
+            if check(text):
+                return text
+            time.sleep(0.3)
+        pytest.fail(f"no {what} in the pane:\n{pane()}")
+
+    tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "50", command)
+    try:
+        wait_for(lambda t: "> " in t and "tinygen chat" in t, "chat prompt")
+        tmux("send-keys", "-t", name, "Count from one to a thousand.", "Enter")
+        before = wait_for(lambda t: len(t.split("Count from one to a thousand.")[-1].strip()) > 40, "streamed answer")
+        time.sleep(1.0)
+        assert len(pane()) > len(before), "the answer keeps streaming"
+        tmux("send-keys", "-t", name, "C-c")
+        wait_for(lambda t: "[stopped]" in t, "stop notice")
+        tmux("send-keys", "-t", name, "/stats", "Enter")
+        text = wait_for(lambda t: "policy map" in t, "/stats output")
+        assert "kept" in text and "MiB" in text
+        tmux("send-keys", "-t", name, "C-d")
+        wait_for(lambda t: status.exists() and status.read_text().strip() != "", "exit status", timeout=30)
+        assert status.read_text().strip() == "0"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)

@@ -97,8 +97,7 @@ def run(a) -> int:
     import torch
 
     from tinygen.errors import TinygenError
-    from tinygen.cache import full_kv_bytes
-    from tinygen.cache import kept_fraction
+    from tinygen.cache import full_kv_bytes, kept_fraction, kept_kv_bytes
     from tinygen.fastgen.cache import make_caches, policy_map
     from tinygen.fastgen.policy import FastGenConfig
     from tinygen.generate import GenerationStats, generate
@@ -149,13 +148,15 @@ def run(a) -> int:
     sys.stdout.flush()
 
     length = caches[0].length  # tokens the cache has seen (the last generated token is never fed back)
+    kv_dtype = model.embed.weight.dtype
     report = {
         "prompt_tokens": stats.prompt_tokens,
         "generated_tokens": stats.generated_tokens,
         "prefill_seconds": round(stats.prefill_seconds, 6),
         "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
-        "kv_bytes": sum(c.nbytes() for c in caches),
-        "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, model.embed.weight.dtype),
+        "kv_bytes": sum(c.nbytes() for c in caches),  # allocated: the caches' storage, spare rows included
+        "kv_bytes_kept": kept_kv_bytes(caches, cfg.head_dim, kv_dtype),  # K+V of the tokens kept
+        "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, kv_dtype),
         "kept_fraction": round(kept_fraction(caches), 6),
         "profile_seconds": 0.0,
         "policy": a.policy,
@@ -176,7 +177,8 @@ def run(a) -> int:
     print(f"[prompt {report['prompt_tokens']} tok | generated {report['generated_tokens']} tok | "
           f"prefill {stats.prefill_seconds:.3f} s (profiling {report['profile_seconds']:.3f} s) | "
           f"decode {report['decode_tokens_per_second']:.1f} tok/s | kept {report['kept_fraction']:.1%} of tokens | "
-          f"KV cache {report['kv_bytes'] / 2**20:.2f} MiB vs full {report['kv_bytes_full'] / 2**20:.2f} MiB | "
+          f"KV cache {report['kv_bytes'] / 2**20:.2f} MiB allocated, {report['kv_bytes_kept'] / 2**20:.2f} MiB kept "
+          f"vs full {report['kv_bytes_full'] / 2**20:.2f} MiB | "
           f"stop: {stats.stop_reason}]", file=sys.stderr)
     if a.stats_json:
         write_json_atomic(a.stats_json, report)

@@ -36,12 +36,28 @@ def test_generates_and_writes_stats_json(chat_model, tmp_path):
     stats = json.loads(out.read_text())
     assert stats["generated_tokens"] == 5 and stats["prompt_tokens"] > 5
     # tokens the cache saw (the last generated one is never fed back) x 3 layers x 2 KV heads x 16 dims x K,V x 4 B
-    assert stats["kv_bytes_full"] == (stats["prompt_tokens"] + 4) * 3 * 2 * 16 * 2 * 4
-    assert stats["kv_bytes"] >= stats["kv_bytes_full"]
+    length, token_bytes = stats["prompt_tokens"] + 4, 3 * 2 * 16 * 2 * 4
+    assert stats["kv_bytes_full"] == stats["kv_bytes_kept"] == length * token_bytes
+    # allocated: the tokens plus at most one growth block of spare rows
+    assert stats["kv_bytes_full"] <= stats["kv_bytes"] <= stats["kv_bytes_full"] + max(16, length // 16) * token_bytes
     assert "decode" in r.stderr and "tok/s" in r.stderr
+    assert "MiB allocated, " in r.stderr and " MiB kept vs full " in r.stderr
 
 
-def test_auto_policy_reports_policy_map_and_kept_fraction(chat_model, tmp_path):
+def test_auto_keeps_the_default_budget_and_reports_kept_bytes(chat_model, tmp_path):
+    out = tmp_path / "stats.json"
+    r = cli("--model", chat_model, "--prompt", "tell me a story", "--max-new-tokens", 8, "--ignore-eos",
+            "--stats-json", out)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["policy"] == "auto" and stats["profile"] == "budget" and stats["kv_budget"] == 0.7
+    assert abs(stats["kept_fraction"] - 0.7) <= 0.02  # the budget profile keeps within 0.02 of the budget
+    # kept bytes are the kept tokens' K+V: the kept fraction of a full cache's (kept_fraction is rounded to 6 places)
+    assert stats["kv_bytes_kept"] / stats["kv_bytes_full"] == pytest.approx(stats["kept_fraction"], abs=1e-6)
+    assert "policy map" in r.stderr and "kept share" in r.stderr
+
+
+def test_paper_profile_reports_policy_map_and_kept_bytes(chat_model, tmp_path):
     out = tmp_path / "stats.json"
     r = cli("--model", chat_model, "--prompt", "tell me a story", "--max-new-tokens", 8, "--ignore-eos",
             "--profile", "paper", "--stats-json", out)
@@ -50,7 +66,9 @@ def test_auto_policy_reports_policy_map_and_kept_fraction(chat_model, tmp_path):
     assert stats["policy"] == "auto" and len(stats["policies"]) == 3 and all(len(l) == 2 for l in stats["policies"])
     known = {"special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full"}
     assert {p for layer in stats["policies"] for p in layer} <= known
-    assert 0 < stats["kept_fraction"] <= 1 and stats["profile_seconds"] > 0
+    assert stats["profile_seconds"] > 0
+    # at the default threshold this random-weight model keeps every token; whatever it keeps, the bytes agree
+    assert stats["kv_bytes_kept"] / stats["kv_bytes_full"] == pytest.approx(stats["kept_fraction"], abs=1e-6)
     assert "policy map" in r.stderr and "kept" in r.stderr
 
 

@@ -1,9 +1,10 @@
-"""The tiny random-config Llama against HF transformers on the same files, and cache consistency."""
+"""The tiny random-config Llama against HF transformers on the same files, and cache consistency and growth."""
 import pytest
 import torch
 from conftest import DEVICES, save_tiny_model
 
 from tinygen.attention import causal_attention, dense_attention
+from tinygen.cache import FullCache
 from tinygen.generate import full_caches
 from tinygen.loader import load_model
 
@@ -88,3 +89,32 @@ def test_blockwise_causal_attention_equals_dense(start, T, rows):
     block = max(16, rows)
     assert [r0 for r0, _ in seen] == list(range(0, T, block))
     assert all(shape[3] == start + min(T, r0 + block) for r0, shape in seen)  # a block sees keys up to its last row
+
+
+def test_full_cache_grows_in_blocks_and_keeps_what_it_wrote():
+    """The full cache allocates what is written plus one block of max(16, rows // 16) rows, grows by such a block
+    when full, copies what it holds unchanged, and never allocates the whole max_len up front."""
+    n_kv, head_dim, prompt, steps = 2, 4, 40, 600
+    g = torch.Generator().manual_seed(6)
+    k, v = (torch.randn(n_kv, prompt + steps, head_dim, generator=g) for _ in range(2))
+    cache = FullCache(n_kv, head_dim, 10**8, torch.device("cpu"), torch.float32)
+    cache.append(k[:, :prompt], v[:, :prompt])
+    assert cache.k.shape[1] == prompt + 16 and cache.nbytes() == 2 * n_kv * (prompt + 16) * head_dim * 4
+    capacities = set()
+    for t in range(prompt, prompt + steps):
+        keys, values = cache.append(k[:, t : t + 1], v[:, t : t + 1])
+        length = t + 1
+        assert length <= cache.k.shape[1] <= length + max(16, length // 16)
+        assert torch.equal(keys, k[:, :length]) and torch.equal(values, v[:, :length])  # growth moved them intact
+        capacities.add(cache.k.shape[1])
+    assert len(capacities) <= steps // 16  # growth copies amortize: at most one per 16 steps
+    assert cache.nbytes() == 2 * n_kv * cache.k.shape[1] * head_dim * 4
+
+
+def test_full_cache_stops_at_max_len():
+    cache = FullCache(1, 4, 50, torch.device("cpu"), torch.float32)
+    cache.append(torch.zeros(1, 45, 4), torch.zeros(1, 45, 4))
+    assert cache.k.shape[1] == 50  # one block would pass max_len: capped
+    cache.append(torch.zeros(1, 5, 4), torch.zeros(1, 5, 4))
+    with pytest.raises(AssertionError, match="cache full: 50 \\+ 1 > 50"):
+        cache.append(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))

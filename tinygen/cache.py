@@ -46,9 +46,14 @@ def storage_bytes(*tensors: torch.Tensor) -> int:
 
 
 def full_kv_bytes(n_layers: int, n_kv_heads: int, head_dim: int, length: int, dtype: torch.dtype) -> int:
-    """Bytes a full K+V cache of `length` tokens takes."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * n_layers * n_kv_heads * length * head_dim * itemsize
+    """Bytes a full K+V cache of `length` tokens takes: the "full" every report compares against."""
+    return 2 * n_layers * n_kv_heads * length * head_dim * dtype.itemsize
+
+
+def kept_kv_bytes(caches: list[KVCache], head_dim: int, dtype: torch.dtype) -> int:
+    """K+V bytes of the tokens the caches keep (kept_tokens over all layers), without spare rows or a store's
+    positions and scores: what the kept tokens take, to set beside the bytes allocated (nbytes) and full_kv_bytes."""
+    return 2 * sum(c.kept_tokens() for c in caches) * head_dim * dtype.itemsize
 
 
 def attention_paths(device: torch.device) -> tuple[str, str]:
@@ -74,27 +79,52 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
 
 
 class FullCache:
-    """Every token of every head: preallocated (n_kv_heads, max_len, head_dim) K and V, written by index.
+    """Every token of every head: K and V (n_kv_heads, capacity, head_dim), written by index, grown in blocks.
+
+    The first append allocates its tokens plus one growth block; an append that does not fit reallocates to what is
+    then written plus one block, never beyond max_len (the hard limit). A block is max(16, rows // 16) rows, the rule
+    of PolicyStore.block_rows at FastGen's default growth_block: the buffers hold at most one block beyond the length,
+    a large max_len costs nothing until it is used, and growing (a copy of the whole cache) happens at most once per
+    1/16 of the length. Decode steps write into spare rows, never concatenate.
 
     For the Triton decode kernel the full cache is the ragged case with equal lengths: row h of the flattened
-    (n_kv_heads * max_len, head_dim) buffers starts at h * max_len and serves query heads h * groups onwards."""
+    (n_kv_heads * capacity, head_dim) buffers starts at h * capacity and serves query heads h * groups onwards."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device, dtype: torch.dtype,
                  paths: tuple[str, str] | None = None):
-        self.k = torch.empty(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.k = torch.empty(n_kv_heads, 0, head_dim, device=device, dtype=dtype)  # (n_kv_heads, capacity, head_dim)
         self.v = torch.empty_like(self.k)
         self.max_len, self.n_kv_heads = max_len, n_kv_heads
         self.length = 0
         self.prefill_path, self.decode_path = paths or attention_paths(self.k.device)
         self._tables = None  # (lengths, starts, q_first) int32 on the device, made at the first kernel decode
 
+    @staticmethod
+    def block_rows(rows: int) -> int:
+        """Rows of spare room a growth leaves beyond `rows` written: at least 16, and 1/16 of the cache."""
+        return max(16, rows // 16)
+
+    def _grow(self, rows: int):
+        """Reallocate K and V for `rows` tokens plus one block (at most max_len), copying the tokens written."""
+        n_kv_heads, _, head_dim = self.k.shape
+        capacity = min(self.max_len, rows + self.block_rows(rows))
+        k = self.k.new_empty(n_kv_heads, capacity, head_dim)
+        v = torch.empty_like(k)
+        k[:, : self.length], v[:, : self.length] = self.k[:, : self.length], self.v[:, : self.length]
+        self.k, self.v = k, v
+        self._tables = None  # the kernel's row starts (h * capacity) moved
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write T new tokens' k, v (n_kv_heads, T, head_dim) by index; returns every cached key and value so far."""
+        """Write T new tokens' k, v (n_kv_heads, T, head_dim) by index, growing first if they do not fit;
+        returns every cached key and value so far (views of the buffers)."""
         T, start = k.shape[1], self.length
-        assert start + T <= self.max_len, f"cache full: {start} + {T} > {self.max_len}"
-        self.k[:, start : start + T] = k
-        self.v[:, start : start + T] = v
-        self.length = end = start + T
+        end = start + T
+        assert end <= self.max_len, f"cache full: {start} + {T} > {self.max_len}"
+        if end > self.k.shape[1]:
+            self._grow(end)
+        self.k[:, start:end] = k
+        self.v[:, start:end] = v
+        self.length = end
         return self.k[:, :end], self.v[:, :end]
 
     def attend(self, q, k, v):
@@ -114,13 +144,14 @@ class FullCache:
         from .kernels.decode_attention import ragged_decode_attention
 
         n_heads, _, head_dim = q.shape
-        if self._tables is None:
+        capacity, groups = self.k.shape[1], n_heads // self.n_kv_heads
+        if self._tables is None:  # made at the first kernel decode and after each growth
             rows = torch.arange(self.n_kv_heads, dtype=torch.int32, device=q.device)
-            self._tables = (torch.empty_like(rows), rows * self.max_len, rows * (n_heads // self.n_kv_heads))
+            self._tables = (torch.empty_like(rows), rows * capacity, rows * groups)
         lengths, starts, q_first = self._tables
         lengths.fill_(end)  # a device write, no sync
         out, _ = ragged_decode_attention(q[:, 0], self.k.view(-1, head_dim), self.v.view(-1, head_dim), lengths,
-                                         starts, q_first, n_heads // self.n_kv_heads, self.max_len)
+                                         starts, q_first, groups, capacity)
         return out.view(n_heads, 1, head_dim)
 
     def nbytes(self) -> int:

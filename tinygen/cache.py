@@ -82,10 +82,10 @@ class FullCache:
     """Every token of every head: K and V (n_kv_heads, capacity, head_dim), written by index, grown in blocks.
 
     The first append allocates its tokens plus one growth block; an append that does not fit reallocates to what is
-    then written plus one block, never beyond max_len (the hard limit). A block is max(16, rows // 16) rows, the rule
-    of PolicyStore.block_rows at FastGen's default growth_block: the buffers hold at most one block beyond the length,
-    a large max_len costs nothing until it is used, and growing (a copy of the whole cache) happens at most once per
-    1/16 of the length. Decode steps write into spare rows, never concatenate.
+    then written plus one block, never beyond max_len (the hard limit). A block is max(16, rows // 16) rows
+    (PolicyStore.block_rows' rule with a floor of 16): the buffers hold at most one block beyond the length, a large
+    max_len costs nothing until it is used, and growing (a copy of the whole cache) happens at most once per 1/16 of
+    the length. Decode steps write into spare rows, never concatenate.
 
     For the Triton decode kernel the full cache is the ragged case with equal lengths: row h of the flattened
     (n_kv_heads * capacity, head_dim) buffers starts at h * capacity and serves query heads h * groups onwards."""

@@ -1,6 +1,7 @@
 """tinygen command line: chat or complete a prompt, or score a text's perplexity.
 
     python cli.py --prompt "What is the capital of France?"
+    python cli.py --chat
     python cli.py --perplexity ../shared/eval/wikitext2_test.txt --ctx 512
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from tinygen.cliutil import OneLineParser, read_text, run_main, write_json_atomic  # noqa: E402
+from tinygen.cliutil import OneLineParser, PrefillProgress, read_text, run_main, write_json_atomic  # noqa: E402
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
 
 
@@ -21,6 +22,8 @@ def parse_args(argv):
     src.add_argument("--prompt", help="the user message (or raw text with --no-chat)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     src.add_argument("--perplexity", metavar="FILE", help="score this UTF-8 text file instead of generating")
+    src.add_argument("--chat", action="store_true", help="an interactive conversation whose cache carries it from "
+                     "turn to turn (/reset, /stats, /exit; with stdin not a terminal, one user turn per line)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens for --perplexity (default 512)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout Llama checkpoint directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
@@ -48,10 +51,15 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
-    p.add_argument("--stats-json", metavar="FILE", help="also write the stats as JSON to FILE")
+    p.add_argument("--stats-json", metavar="FILE", help="also write the stats as JSON to FILE (with --chat: a list, "
+                   "one record per turn)")
+    p.add_argument("--progress", action="store_true", help="show the progress line of long prefills (1k tokens or "
+                   "more) even when stderr is not a terminal")
     a = p.parse_args(argv)
-    if a.prompt is None and a.prompt_file is None and a.perplexity is None:
-        p.error("give --prompt, --prompt-file or --perplexity")
+    if a.prompt is None and a.prompt_file is None and a.perplexity is None and not a.chat:
+        p.error("give --prompt, --prompt-file, --chat or --perplexity")
+    if a.chat and a.no_chat:
+        p.error("--chat needs the chat template; --no-chat is for one raw completion")
     checks = [(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
               (a.temperature >= 0, "--temperature must be >= 0"),
               (a.top_k >= 0, "--top-k must be >= 0"),
@@ -123,6 +131,14 @@ def run(a) -> int:
         print(f"perplexity={ppl:.4f} tokens={n}")
         return 0
 
+    sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
+    progress = PrefillProgress(cfg.n_layers, force=a.progress)
+    if a.chat:
+        from tinygen.chat import ChatSession, run_chat
+
+        session = ChatSession(model, tok, fastgen, sampling, a.max_new_tokens, a.system, progress, a.ignore_eos)
+        return run_chat(session, a.stats_json)
+
     text = a.prompt if a.prompt is not None else read_text(a.prompt_file)
     if a.no_chat:
         ids = tok.encode(text, bos=tok.add_bos)
@@ -134,12 +150,11 @@ def run(a) -> int:
     max_len = min(cfg.max_seq_len, len(ids) + a.max_new_tokens)
     caches, on_tokens = make_caches(model, tok, fastgen, max_len)
     stats = GenerationStats()
-    sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     stream = StreamDecoder(tok)
     code = 0
     try:
         for token_id in generate(model, ids, caches, a.max_new_tokens, sampling, tok.eos_ids, a.ignore_eos, stats,
-                                 on_tokens):
+                                 on_tokens, on_layer=progress.callback(len(ids))):
             sys.stdout.write(stream.push(token_id))
             sys.stdout.flush()
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ import time
 import uuid
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, save_tiny_model
 
 from tinygen.chat import ChatSession
 from tinygen.fastgen.policy import FastGenConfig
@@ -97,7 +97,7 @@ def test_piped_chat_commands_and_bad_input(chat_model, tmp_path):
     assert [r["generated_tokens"] for r in records] == [3, 3]
     assert records[1]["context_tokens"] == records[1]["prompt_tokens"] + 3  # /reset: the history is gone
     assert set(records[0]) >= {"prompt_tokens", "context_tokens", "generated_tokens", "decode_tokens_per_second",
-                               "kept_fraction", "kv_bytes", "kv_bytes_full"}
+                               "kept_fraction", "kv_bytes", "kv_bytes_kept", "kv_bytes_full"}
     assert r.stdout.decode().endswith("\n") and "error" not in r.stdout.decode()  # answers only on stdout
 
 
@@ -155,3 +155,24 @@ def test_chat_in_a_real_terminal(default_model_dir, tmp_path):
         assert status.read_text().strip() == "0"
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+def test_long_prefill_progress_line(default_model_dir, tmp_path):
+    """A prompt of 1k tokens or more shows a progress line on stderr with --progress (stderr is not a terminal
+    here, so without the flag nothing is shown). A tiny random model with a 2k context and the default tokenizer."""
+    model_dir = tmp_path / "tiny2k"
+    save_tiny_model(model_dir, vocab_size=49152, max_position_embeddings=2048)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / name, model_dir / name)
+    text = (ROOT.parent / "shared" / "eval" / "pride_and_prejudice.txt").read_text(encoding="utf-8")[20000:27000]
+    prompt = tmp_path / "long.txt"
+    prompt.write_text(text, encoding="utf-8")
+    args = [sys.executable, str(ROOT / "cli.py"), "--prompt-file", str(prompt), "--max-new-tokens", "1",
+            "--model", str(model_dir)]
+    quiet = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    shown = subprocess.run(args + ["--progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert quiet.returncode == shown.returncode == 0, shown.stderr
+    assert "[prefill" not in quiet.stderr
+    n = int(shown.stderr.split("[prompt ")[1].split(" tok")[0])
+    assert n >= 1024
+    assert f"[prefill {n}/{n} tokens, " in shown.stderr and "tok/s]" in shown.stderr, shown.stderr

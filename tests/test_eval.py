@@ -32,10 +32,10 @@ class Spy:
     def __init__(self, model):
         self.model, self.embed, self.cfg, self.fed = model, model.embed, model.cfg, []
 
-    def __call__(self, tokens, caches, start_pos, last_only=False):
+    def __call__(self, tokens, caches, start_pos, last_only=False, on_layer=None):
         assert start_pos == len(self.fed), "positions must follow the tokens fed"
         self.fed += tokens.tolist()
-        return self.model(tokens, caches, start_pos, last_only)
+        return self.model(tokens, caches, start_pos, last_only, on_layer)
 
 
 @pytest.fixture(scope="module")

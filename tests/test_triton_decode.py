@@ -161,8 +161,9 @@ def test_triton_reference_equals_dense_attention():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_full_cache_decode(kernels, dtype):
-    """The full cache's kernel path (equal lengths, rows at h * max_len) against its PyTorch decode step."""
-    n_kv, groups, head_dim, max_len, prompt = 2, 4, 64, 96, 70
+    """The full cache's kernel path (equal lengths, rows at h * capacity) against its PyTorch decode step, across a
+    growth of the cache (36 rows at first: the kernel's row tables must follow the new buffers)."""
+    n_kv, groups, head_dim, max_len, prompt, steps = 2, 4, 64, 96, 20, 24
     g = torch.Generator().manual_seed(1)
     rand = lambda *shape: torch.randn(*shape, generator=g).to(DEVICE, dtype)
     caches = {p: FullCache(n_kv, head_dim, max_len, torch.device(DEVICE), dtype, paths=("blocks", p))
@@ -170,13 +171,14 @@ def test_triton_full_cache_decode(kernels, dtype):
     prefill = rand(n_kv * groups, prompt, head_dim), rand(n_kv, prompt, head_dim), rand(n_kv, prompt, head_dim)
     for cache in caches.values():
         cache.attend(*prefill)
-    for step in range(3):
+    for step in range(steps):
         q, k, v = rand(n_kv * groups, 1, head_dim), rand(n_kv, 1, head_dim), rand(n_kv, 1, head_dim)
         want, got = (caches[p].attend(q, k, v) for p in ("torch", "triton"))
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-    keys = caches["triton"].k[:, : prompt + 3]
-    torch.testing.assert_close(grouped_decode_attention(q, keys, caches["triton"].v[:, : prompt + 3],
+    assert caches["triton"].k.shape[1] > prompt + 16, "the cache grew"
+    keys = caches["triton"].k[:, : prompt + steps]
+    torch.testing.assert_close(grouped_decode_attention(q, keys, caches["triton"].v[:, : prompt + steps],
                                                         head_dim**-0.5).float(), want.float())
 
 

@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import Callable
 
-from .cache import full_kv_bytes, kept_fraction
+from .cache import full_kv_bytes, kept_fraction, kept_kv_bytes
 from .cliutil import write_json_atomic
 from .conversation import Conversation
 from .errors import TinygenError
@@ -81,14 +81,16 @@ class ChatSession:
         cfg, dtype = self.model.cfg, self.model.embed.weight.dtype
         seen = self.seen
         return {"kept_fraction": round(kept_fraction(self.caches), 6) if seen else 1.0,
-                "kv_bytes": sum(c.nbytes() for c in self.caches),
+                "kv_bytes": sum(c.nbytes() for c in self.caches),  # allocated
+                "kv_bytes_kept": kept_kv_bytes(self.caches, cfg.head_dim, dtype),
                 "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seen, dtype)}
 
     def describe(self) -> str:
         """What /stats shows."""
         s = self.cache_stats()
         lines = [f"[conversation {len(self.conv.ids)} tokens ({self.seen} in the cache) | kept "
-                 f"{s['kept_fraction']:.1%} of tokens | KV cache {s['kv_bytes'] / 2**20:.2f} MiB vs full "
+                 f"{s['kept_fraction']:.1%} of tokens | KV cache {s['kv_bytes'] / 2**20:.2f} MiB allocated, "
+                 f"{s['kv_bytes_kept'] / 2**20:.2f} MiB kept vs full "
                  f"{s['kv_bytes_full'] / 2**20:.2f} MiB]"]
         if self.on_tokens is not None and self.seen and self.fastgen.policy == "auto":
             lines.append(policy_map(self.caches))

@@ -29,7 +29,7 @@ class GenerationStats:
 
 
 def full_caches(model: Llama, max_len: int) -> list[FullCache]:
-    """One preallocated full cache per layer, on the model's device and dtype."""
+    """One full cache per layer (growing in blocks up to max_len), on the model's device and dtype."""
     cfg, w = model.cfg, model.embed.weight
     return [FullCache(cfg.n_kv_heads, cfg.head_dim, max_len, w.device, w.dtype) for _ in range(cfg.n_layers)]
 

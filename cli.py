@@ -2,6 +2,7 @@
 
     python cli.py --prompt "What is the capital of France?"
     python cli.py --chat
+    python cli.py --prompts-file prompts.jsonl --out answers.jsonl --batch 8
     python cli.py --perplexity ../shared/eval/wikitext2_test.txt --ctx 512
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ def parse_args(argv):
     src.add_argument("--prompt", help="the user message (or raw text with --no-chat)")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     src.add_argument("--perplexity", metavar="FILE", help="score this UTF-8 text file instead of generating")
+    src.add_argument("--prompts-file", metavar="FILE", help="answer every prompt of a JSONL file (records with "
+                     "prompt, instruction or turns) in batches; needs --out")
     src.add_argument("--chat", action="store_true", help="an interactive conversation whose cache carries it from "
                      "turn to turn (/reset, /stats, /exit; with stdin not a terminal, one user turn per line)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens for --perplexity (default 512)")
@@ -53,11 +56,21 @@ def parse_args(argv):
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     p.add_argument("--stats-json", metavar="FILE", help="also write the stats as JSON to FILE (with --chat: a list, "
                    "one record per turn)")
+    p.add_argument("--out", metavar="FILE", help="--prompts-file: write the answers here (JSONL, input order)")
+    p.add_argument("--batch", type=int, default=None, help="--prompts-file: most sequences decoded at once (default 8)")
+    p.add_argument("--kv-budget-mb", type=float, default=None, metavar="M", help="--prompts-file: cap on the KV "
+                   "caches' bytes (MiB); a prompt joins the batch when its projected cache fits")
     p.add_argument("--progress", action="store_true", help="show the progress line of long prefills (1k tokens or "
                    "more) even when stderr is not a terminal")
     a = p.parse_args(argv)
-    if a.prompt is None and a.prompt_file is None and a.perplexity is None and not a.chat:
-        p.error("give --prompt, --prompt-file, --chat or --perplexity")
+    if a.prompt is None and a.prompt_file is None and a.perplexity is None and not a.chat and a.prompts_file is None:
+        p.error("give --prompt, --prompt-file, --prompts-file, --chat or --perplexity")
+    if a.prompts_file is not None and a.out is None:
+        p.error("--prompts-file needs --out FILE for the answers")
+    for flag, value in (("--out", a.out), ("--batch", a.batch), ("--kv-budget-mb", a.kv_budget_mb)):
+        if value is not None and a.prompts_file is None:
+            p.error(f"{flag} is for --prompts-file")
+    a.batch = 8 if a.batch is None else a.batch
     if a.chat and a.no_chat:
         p.error("--chat needs the chat template; --no-chat is for one raw completion")
     checks = [(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
@@ -65,6 +78,8 @@ def parse_args(argv):
               (a.top_k >= 0, "--top-k must be >= 0"),
               (0 < a.top_p <= 1, "--top-p must be in (0, 1]"),
               (a.ctx >= 2, "--ctx must be at least 2"),
+              (a.batch >= 1, "--batch must be at least 1"),
+              (a.kv_budget_mb is None or a.kv_budget_mb > 0, "--kv-budget-mb must be positive"),
               (a.threshold is None or 0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
               (a.kv_budget is None or 0 < a.kv_budget <= 1, "--kv-budget must be in (0, 1]"),
               (a.local_ratio is None or 0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
@@ -133,6 +148,10 @@ def run(a) -> int:
 
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     progress = PrefillProgress(cfg.n_layers, force=a.progress)
+    if a.prompts_file:
+        from tinygen.answers import run_prompts_file
+
+        return run_prompts_file(a, model, tok, fastgen, sampling, progress.show)
     if a.chat:
         from tinygen.chat import ChatSession, run_chat
 

@@ -31,15 +31,19 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache):
-        T, nq, nkv = x.shape[0], self.n_heads, self.n_kv_heads
-        qkv = self.wqkv(x).view(T, nq + 2 * nkv, self.head_dim)  # rows: q heads, k heads, v heads
+    def forward(self, x, cos, sin, caches: list[KVCache]):
+        """x: (B*T, dim) rows of B sequences with T tokens each; caches: this layer's cache of each sequence."""
+        B, nq, nkv = len(caches), self.n_heads, self.n_kv_heads
+        N = x.shape[0]
+        qkv = self.wqkv(x).view(N, nq + 2 * nkv, self.head_dim)  # rows: q heads, k heads, v heads
         qk = apply_rope(qkv[:, : nq + nkv], cos[:, None], sin[:, None])  # q and k rotated together
-        q = qk[:, :nq].transpose(0, 1)  # (n_heads, T, head_dim)
-        k = qk[:, nq:].transpose(0, 1)  # (n_kv_heads, T, head_dim)
-        v = qkv[:, nq + nkv :].transpose(0, 1)  # (n_kv_heads, T, head_dim)
-        out = cache.attend(q, k, v)  # (n_heads, T, head_dim)
-        return self.wo(out.transpose(0, 1).reshape(T, nq * self.head_dim))
+        q = qk[:, :nq].view(B, N // B, nq, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = qk[:, nq:].view(B, N // B, nkv, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = qkv[:, nq + nkv :].view(B, N // B, nkv, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        # Each sequence's cache attends over what it keeps (its own length and, with FastGen, its own policies).
+        outs = [cache.attend(q[b], k[b], v[b]) for b, cache in enumerate(caches)]  # each (n_heads, T, head_dim)
+        out = outs[0][None] if B == 1 else torch.stack(outs)  # (B, n_heads, T, head_dim)
+        return self.wo(out.transpose(1, 2).reshape(N, nq * self.head_dim))
 
 
 class FeedForward(nn.Module):
@@ -62,13 +66,13 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, caches):
+        x = x + self.attn(self.attn_norm(x), cos, sin, caches)
         return x + self.ffn(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
-    """Llama decoder for one sequence (batch 1). `forward(tokens, caches, start_pos)` returns logits."""
+    """Llama decoder. `forward(tokens, caches, start_pos)` returns logits, for one sequence or a batch of them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -86,23 +90,31 @@ class Llama(nn.Module):
         cos, sin = rope_tables(self.cfg, w.device)
         self.rope_cos, self.rope_sin = cos.to(w.dtype), sin.to(w.dtype)
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache], start_pos: int, last_only: bool = False,
-                on_layer=None):
-        """tokens: (T,) ids at positions start_pos..start_pos+T-1 -> logits (T, vocab) float32 ((1, vocab) if last_only).
+    def forward(self, tokens: torch.Tensor, caches: list, start_pos, last_only: bool = False, on_layer=None):
+        """One sequence: tokens (T,) at positions start_pos..start_pos+T-1, caches one per layer
+        -> logits (T, vocab) float32 ((1, vocab) if last_only).
+        A batch: tokens (B, T), caches[b] sequence b's per-layer list, start_pos[b] its first position (sequences
+        at different positions) -> logits (B, T, vocab) ((B, 1, vocab) if last_only).
         on_layer(i), if given, is called after layer i (progress of a long prefill)."""
-        T = tokens.shape[0]
-        assert len(caches) == self.cfg.n_layers, "one cache per layer"
-        assert start_pos + T <= self.cfg.max_seq_len, f"position {start_pos + T} beyond context {self.cfg.max_seq_len}"
-        cos = self.rope_cos[start_pos : start_pos + T]
-        sin = self.rope_sin[start_pos : start_pos + T]
-        x = self.embed(tokens)  # (T, dim)
-        for i, (layer, cache) in enumerate(zip(self.layers, caches)):
-            x = layer(x, cos, sin, cache)
+        batched = tokens.dim() == 2
+        if not batched:  # one sequence is a batch of one
+            tokens, caches, start_pos = tokens[None], [caches], [start_pos]
+        B, T = tokens.shape
+        assert len(caches) == B and all(len(c) == self.cfg.n_layers for c in caches), "one cache per layer"
+        assert max(start_pos) + T <= self.cfg.max_seq_len, f"position {max(start_pos) + T} beyond context {self.cfg.max_seq_len}"
+        cos = torch.cat([self.rope_cos[s : s + T] for s in start_pos])  # (B*T, head_dim), each sequence's positions
+        sin = torch.cat([self.rope_sin[s : s + T] for s in start_pos])
+        x = self.embed(tokens.flatten())  # (B*T, dim): the linear layers see every sequence's rows at once
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, [c[i] for c in caches])
             if on_layer is not None:
                 on_layer(i)
+        x = x.view(B, T, -1)
         if last_only:
-            x = x[-1:]
+            x = x[:, -1:]
         x = self.norm(x)
         if self.lm_head is None:  # tied to the embedding
-            return (x @ self.embed.weight.t()).float()  # (T, vocab)
-        return self.lm_head(x).float()  # an nn.Linear, or a quantized layer (tinygen/quant.py)
+            logits = (x @ self.embed.weight.t()).float()  # (B, T, vocab)
+        else:
+            logits = self.lm_head(x).float()  # an nn.Linear, or a quantized layer (tinygen/quant.py)
+        return logits if batched else logits[0]

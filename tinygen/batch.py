@@ -1,0 +1,206 @@
+"""Many prompts at once: continuous batching, so that the memory a compressed cache saves becomes throughput.
+
+Every running sequence owns one cache per layer, exactly as a batch-1 run would: its own FastGen profile, so every
+(sequence, KV head) pair has its own policy. A decode step runs the current token of every running sequence through
+one forward (`Llama.forward` with tokens (B, 1), each sequence at its own position): the weights are read once for
+all B tokens, and each sequence's caches attend over what they keep. A new prompt is prefilled on its own and joins
+the batch when its projected KV bytes fit under the cap; a sequence that finishes (EOS, its token limit, the
+context) leaves at once and its caches are freed, which makes room for the next prompt.
+
+The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time
+(its final length, plus one growth block, plus a FastGen store's positions, flags and scores), for the full cache
+and for FastGen alike. With the budget profile a head keeps its share of the length, so the projection uses
+--kv-budget; the paper's profile and fixed policies that protect special/punctuation tokens project a full cache.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .cache import full_kv_bytes, kept_fraction
+from .fastgen.cache import make_caches
+from .errors import TinygenError
+from .fastgen.policy import FREQUENT, LOCAL, FastGenConfig, protected_kinds
+from .generate import prefill
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class Sequence:
+    index: int
+    prompt: list[int]
+    projected: int  # KV bytes its caches may hold at most from its first decode step on
+    projected_prefill: int  # ... and while it prefills
+    caches: list = field(default_factory=list)
+    on_tokens: Callable | None = None
+    generator: torch.Generator | None = None
+    out: list[int] = field(default_factory=list)
+    token: int = -1  # the last sampled token, not yet fed to the model
+    stop_reason: str = ""
+    kept_fraction: float = 1.0  # at the end, as are the bytes its caches held then and each head's policy
+    kv_bytes: int = 0
+    policies: list | None = None
+
+    @property
+    def pos(self) -> int:
+        """Tokens the caches have seen: the position the next fed token takes."""
+        return self.caches[0].length
+
+
+@dataclass
+class BatchStats:
+    batch: int = 0
+    prompts: int = 0
+    generated_tokens: int = 0
+    decode_tokens: int = 0  # tokens out of decode steps (the first token of each answer comes out of its prefill)
+    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    peak_kv_bytes: int = 0  # the caches' storage, all running sequences together
+    peak_kv_bytes_full: int = 0  # what full caches of the running sequences' lengths would hold at that moment
+    max_running: int = 0
+    seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """Upper bounds on one sequence's KV bytes: (from its first decode step on, during its prefill).
+
+    They differ with the budget profile only: until the last layer's prefill ends, every layer holds the prompt's
+    full K/V for the planner. Only one sequence prefills at a time, so admission adds the second figure of the
+    new sequence to the first figures of the running ones."""
+    c, itemsize = model.cfg, model.embed.weight.dtype.itemsize
+    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)
+    kv_row = 2 * c.head_dim * itemsize  # K and V of one token of one KV head
+    per_layer = c.n_layers * c.n_kv_heads
+    if cfg.policy == "full":
+        steady = per_layer * (final + max(16, final // 16)) * kv_row  # FullCache's growth block
+        return steady, steady
+    share = 1.0
+    if cfg.budgeted:
+        share = cfg.kv_budget
+    elif cfg.fixed_policy is not None and not protected_kinds(cfg.fixed_policy):  # local and/or frequent
+        share = min(1.0, (cfg.local_ratio if cfg.fixed_policy & LOCAL else 0) +
+                    (cfg.frequent_ratio if cfg.fixed_policy & FREQUENT else 0))
+    kept = min(final, math.ceil(share * final) + 1)
+    rows = kept + max(cfg.growth_block, kept // 16)  # one growth block
+    # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap
+    steady = per_layer * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8)
+    prefill_peak = per_layer * prompt_tokens * kv_row if cfg.budgeted else 0
+    return steady, max(steady, prefill_peak)
+
+
+class BatchRunner:
+    """Runs prompts through continuous batching. `run(prompts, on_done)` calls on_done(sequence) as each finishes,
+    in finishing order, and returns BatchStats."""
+
+    def __init__(self, model, tok, cfg: FastGenConfig, sampling: SamplingParams, max_new_tokens: int, batch: int,
+                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, check_every: int = 8):
+        self.model, self.tok, self.cfg, self.sampling = model, tok, cfg, sampling
+        self.max_new_tokens, self.batch, self.cap, self.ignore_eos = max_new_tokens, batch, kv_cap_bytes, ignore_eos
+        self.on_progress, self.check_every = on_progress, check_every
+        self.device = model.embed.weight.device
+
+    def projected(self, prompt_tokens: int) -> tuple[int, int]:
+        return projected_bytes(self.model, self.cfg, prompt_tokens, self.max_new_tokens)
+
+    def _start(self, seq: Sequence) -> None:
+        """Prefill one admitted prompt on its own and sample its first token."""
+        limit = min(self.model.cfg.max_seq_len, len(seq.prompt) + self.max_new_tokens)
+        seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
+        if self.sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(self.sampling.seed)
+        if seq.on_tokens:
+            seq.on_tokens(seq.prompt)
+        logits = prefill(self.model, seq.prompt, seq.caches)
+        self._take(seq, int(sample(logits, self.sampling, seq.generator).item()))
+
+    def _take(self, seq: Sequence, token: int) -> None:
+        """A sampled token: the end, or one more token of the answer (as generate() decides)."""
+        if token in self.tok.eos_ids and not self.ignore_eos:
+            seq.stop_reason = "eos"
+            return
+        seq.out.append(token)
+        seq.token = token
+        if len(seq.out) >= self.max_new_tokens:
+            seq.stop_reason = "length"
+        elif seq.pos >= self.model.cfg.max_seq_len:
+            seq.stop_reason = "context"
+
+    def _step(self, running: list[Sequence]) -> list[int]:
+        """One decode step for every running sequence: (B, 1) tokens in one forward, one host sync for the ids."""
+        for seq in running:
+            if seq.on_tokens:
+                seq.on_tokens([seq.token])
+        tokens = torch.tensor([[s.token] for s in running], dtype=torch.long, device=self.device)  # (B, 1)
+        logits = self.model(tokens, [s.caches for s in running], [s.pos for s in running])[:, 0]  # (B, vocab)
+        if self.sampling.temperature <= 0:
+            return logits.argmax(dim=-1).tolist()  # reading the sampled tokens: the step's one host sync
+        return torch.cat([sample(row, self.sampling, s.generator) for row, s in zip(logits, running)]).tolist()
+
+    def _measure(self, running: list[Sequence], stats: BatchStats) -> None:
+        c = self.model.cfg
+        held = sum(cache.nbytes() for s in running for cache in s.caches)
+        full = sum(full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, s.pos, self.model.embed.weight.dtype)
+                   for s in running)
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, held)
+        stats.peak_kv_bytes_full = max(stats.peak_kv_bytes_full, full)
+
+    @torch.inference_mode()
+    def run(self, prompts: list[tuple[int, list[int]]], on_done: Callable[[Sequence], None]) -> BatchStats:
+        stats = BatchStats(batch=self.batch, prompts=len(prompts))
+        waiting = [Sequence(i, ids, *self.projected(len(ids))) for i, ids in prompts]
+        waiting.reverse()  # pop() takes them in input order
+        running: list[Sequence] = []
+        t_start, steps = time.perf_counter(), 0
+
+        def finish(seq):
+            seq.kept_fraction = kept_fraction(seq.caches)
+            seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
+            seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
+            seq.caches, seq.on_tokens = [], None  # frees its memory now
+            stats.generated_tokens += len(seq.out)
+            on_done(seq)
+
+        while waiting or running:
+            if not running and self.cap is not None and waiting[-1].projected_prefill > self.cap:
+                raise TinygenError(f"prompt {waiting[-1].index} needs {waiting[-1].projected_prefill / 2**20:.2f} MiB "
+                                   f"of KV cache, more than the cap of {self.cap / 2**20:.2f} MiB")
+            # Admit in input order while there is a slot and the projected bytes fit under the cap.
+            while waiting and len(running) < self.batch and (
+                    self.cap is None or sum(s.projected for s in running) + waiting[-1].projected_prefill <= self.cap):
+                seq = waiting.pop()
+                t0 = time.perf_counter()
+                self._start(seq)
+                stats.prefill_seconds += time.perf_counter() - t0
+                running.append(seq)
+                self._measure(running, stats)
+                if seq.stop_reason:
+                    running.remove(seq)
+                    finish(seq)
+            if not running:
+                continue  # everything admitted so far finished at its prefill: admit more
+            stats.max_running = max(stats.max_running, len(running))
+            t0 = time.perf_counter()
+            ids = self._step(running)
+            stats.decode_seconds += time.perf_counter() - t0
+            stats.decode_tokens += len(running)
+            steps += 1
+            if steps % self.check_every == 0:
+                self._measure(running, stats)
+            for seq, token in zip(list(running), ids):
+                self._take(seq, token)
+                if seq.stop_reason:
+                    running.remove(seq)
+                    finish(seq)
+            if self.on_progress:
+                self.on_progress(stats, len(running), len(waiting))
+        stats.seconds = time.perf_counter() - t_start
+        return stats

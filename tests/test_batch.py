@@ -8,9 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import DEVICES, ROOT
 
 from tinygen.batch import BatchRunner, projected_bytes
+from tinygen.fastgen.cache import fastgen_caches
+from tinygen.fastgen.kinds import TokenKinds
 from tinygen.fastgen.policy import FastGenConfig
 from tinygen.generate import full_caches, prefill
 from tinygen.loader import load_model
@@ -22,25 +24,42 @@ MIXED = ["Hi!", "What is the capital of France?", "Write a haiku about the sea a
          "Translate 'good morning' into Spanish, French and German, and say which language you find hardest."]
 
 
-def test_batched_forward_equals_one_sequence_at_a_time(tiny_model_dir):
-    """Three sequences at different positions (prompts of 5, 9 and 14 tokens): one forward of their (3, 1) decode
-    tokens gives each the logits its own forward gives, and their caches end up the same."""
-    model = load_model(tiny_model_dir)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["full", "auto"])
+def test_batched_forward_equals_one_sequence_at_a_time(tiny_model_dir, device, policy):
+    """Three sequences at different positions (prompts of 5, 9 and 14 tokens), each with its own caches (FastGen:
+    its own profile): one forward of their (3, 1) decode tokens gives each the logits its own forward gives, step
+    after step while the stores evict, and their caches end up the same."""
+    model = load_model(tiny_model_dir, device=device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 14)]
-    alone, batched = [full_caches(model, 40) for _ in prompts], [full_caches(model, 40) for _ in prompts]
+    vocab = [0] * 97
+    cfg = FastGenConfig(policy, kv_budget=0.5)
+
+    def caches(ids):
+        if policy == "full":
+            return full_caches(model, 40)
+        kinds = TokenKinds(vocab, 40, torch.device(device))
+        kinds.append(ids + [0] * 8)  # kinds only matter for protected tokens; none here
+        return fastgen_caches(model, kinds, cfg, 40)
+
+    alone, batched = [caches(ids) for ids in prompts], [caches(ids) for ids in prompts]
     for ids, a, b in zip(prompts, alone, batched):
         prefill(model, ids, a)
         prefill(model, ids, b)
-    for step in range(4):
-        tokens = torch.randint(3, 97, (3, 1), generator=g)
+    for step in range(8):
+        tokens = torch.randint(3, 97, (3, 1), generator=g).to(device)
         with torch.inference_mode():
             want = torch.stack([model(tokens[i, :1].view(1), alone[i], len(p) + step)[0] for i, p in enumerate(prompts)])
             got = model(tokens, batched, [len(p) + step for p in prompts])[:, 0]  # (3, vocab)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(alone, batched):
-        assert a[0].length == b[0].length
-        torch.testing.assert_close(a[1].k[:, : a[1].length], b[1].k[:, : b[1].length], atol=1e-5, rtol=1e-5)
+        assert a[0].length == b[0].length and a[1].kept_tokens() == b[1].kept_tokens()
+        if policy == "full":
+            torch.testing.assert_close(a[1].k[:, : a[1].length], b[1].k[:, : b[1].length], atol=1e-5, rtol=1e-5)
+        else:
+            assert a[1].kept_tokens() < a[1].length * a[1].n_kv_heads  # the stores evicted along the way
+            assert all(torch.equal(x.bitmap, y.bitmap) for x, y in zip(a[1].stores, b[1].stores))
 
 
 @pytest.fixture(scope="module")

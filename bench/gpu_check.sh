@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On a GPU machine (python3 with torch, triton, transformers, pytest and tinygen's other requirements; no network,
 # no .venv, no default weights needed): the CUDA and Triton tests with the kernels compiled for real, then
-# bench/bench_gpu.py -> bench/results/gpu_<gpu name>.md and .json. Within 8 minutes: tests at most 3, bench at most 5.
+# bench/bench_gpu.py -> bench/results/gpu_<gpu name>.md and .json, then bench/bench_gpu_batch.py (batches of full and
+# auto on the 1B shape) -> bench/results/gpu_batch_<gpu name>.md and .json. Within 8.5 minutes: tests at most 3,
+# bench_gpu at most 3 1/3 (it stops starting rows at 150 s), bench_gpu_batch at most 2 1/6 (it skips or cuts rows at
+# 110 s, build and warm-up included).
 #   bash bench/gpu_check.sh            (or: make gpu-check)
 set -u
 cd "$(dirname "$0")/.."
@@ -17,8 +20,13 @@ timeout 180 $PY -m pytest -q -k "cuda or triton" tests 2>&1 | tee bench/results/
 tests_rc=${PIPESTATUS[0]}
 
 echo "== bench/bench_gpu.py =="
-timeout 300 $PY bench/bench_gpu.py --max-seconds 220
+timeout 200 $PY bench/bench_gpu.py --max-seconds 150
 bench_rc=$?
 
-echo "tests exit $tests_rc, bench exit $bench_rc (124: cut off by the time limit; rows done so far are kept)"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+echo "== bench/bench_gpu_batch.py =="
+timeout 130 $PY bench/bench_gpu_batch.py --max-seconds 110
+batch_rc=$?
+
+echo "tests exit $tests_rc, bench exit $bench_rc, batch bench exit $batch_rc (124: cut off by the time limit; rows" \
+     "done so far are kept)"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$batch_rc" -eq 0 ]

@@ -1,0 +1,107 @@
+"""Batches on the CPU: decode throughput and peak KV bytes at batch 1-16, and what a KV byte cap admits.
+
+    python bench/bench_batch.py                          # -> bench/results/batch_cpu.md
+    python bench/bench_batch.py --batches 1,4 --repeats 1 --new 32
+
+Method (also written beside the results):
+- Prompts: --prompt tokens of Pride and Prejudice each (from chapter 1, consecutive slices), no chat template;
+  greedy, --new forced new tokens each (EOS ignored), float32.
+- Throughput: for each batch size B, B prompts run together through `BatchRunner` (each prefilled alone, then
+  decoded in one forward per step); decode tok/s counts every sequence's tokens out of decode steps over the
+  decode time. Median over --repeats after one warm-up run; full and auto (budget 0.7) alternate.
+- Under a cap: --cap-prompts prompts with batch up to --cap-prompts and --kv-budget-mb set to what
+  --cap-full full caches need (the runner's projection: final length plus one growth block); how many sequences
+  each policy runs at once, its decode throughput and its peak physical KV bytes (storage of the caches' tensors,
+  sampled every 8 steps and at each admission).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import machine_lines, prompt_ids, write_atomic  # noqa: E402
+from tinygen.batch import BatchRunner, projected_bytes  # noqa: E402
+from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
+from tinygen.loader import load_model  # noqa: E402
+from tinygen.sampling import SamplingParams  # noqa: E402
+from tinygen.tokenizer import Tokenizer  # noqa: E402
+
+METHODS = {"full": FastGenConfig(policy="full"), "auto budget=0.7": FastGenConfig()}
+
+
+def run(model, tok, cfg, prompts, batch, new, cap=None):
+    runner = BatchRunner(model, tok, cfg, SamplingParams(), new, batch, cap, ignore_eos=True)
+    return runner.run(list(enumerate(prompts)), lambda seq: None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--batches", default="1,4,8,16")
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cap-prompts", type=int, default=16)
+    p.add_argument("--cap-full", type=int, default=4, help="the cap holds this many full caches")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model)
+    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    batches = [int(x) for x in a.batches.split(",")]
+    n = max(batches + [a.cap_prompts])
+    book = prompt_ids(tok, a.prompt * n)
+    prompts = [book[i * a.prompt : (i + 1) * a.prompt] for i in range(n)]
+
+    table = []
+    for B in batches:
+        rates = {name: [] for name in METHODS}
+        peaks = {}
+        for i in range(a.repeats + 1):
+            for name, cfg in METHODS.items():
+                stats = run(model, tok, cfg, prompts[:B], B, a.new)
+                if i:  # the first round is warm-up
+                    rates[name].append(stats.decode_tokens_per_second)
+                peaks[name] = (stats.peak_kv_bytes, stats.peak_kv_bytes_full)
+        for name in METHODS:
+            table.append((B, name, statistics.median(rates[name]), *peaks[name]))
+            print(f"batch {B} {name}: {table[-1][2]:.1f} tok/s, peak KV {peaks[name][0] / 2**20:.2f} MiB", flush=True)
+
+    cap = a.cap_full * projected_bytes(model, METHODS["full"], a.prompt, a.new)[1]
+    capped = []
+    for name, cfg in METHODS.items():
+        stats = run(model, tok, cfg, prompts[: a.cap_prompts], a.cap_prompts, a.new, cap)
+        capped.append((name, stats.max_running, stats.decode_tokens_per_second, stats.peak_kv_bytes))
+        print(f"cap {cap / 2**20:.2f} MiB {name}: {stats.max_running} running, "
+              f"{stats.decode_tokens_per_second:.1f} tok/s", flush=True)
+
+    base = {name: next(r for b, m, r, *_ in table if m == name and b == batches[0]) for name in METHODS}
+    lines = ["# Batches on the CPU: throughput and KV bytes", "", *[f"- {x}" for x in machine_lines()],
+             f"- settings: {a.prompt}-token prompts, {a.new} new tokens each, float32, greedy, EOS ignored, "
+             f"{a.threads} threads; median of {a.repeats} after one warm-up", "",
+             f"| batch | method | decode tok/s (all sequences) | x batch {batches[0]} | peak KV MiB | "
+             "full caches would hold MiB |", "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for B, name, rate, peak, full in table:
+        lines.append(f"| {B} | {name} | {rate:.1f} | {rate / base[name]:.2f} | {peak / 2**20:.2f} | "
+                     f"{full / 2**20:.2f} |")
+    lines += ["", f"Under a cap of {cap / 2**20:.2f} MiB (what {a.cap_full} full caches of {a.prompt + a.new} "
+              f"tokens need), {a.cap_prompts} prompts:", "",
+              "| method | sequences at once | decode tok/s | peak KV MiB |", "| --- | ---: | ---: | ---: |"]
+    for name, running, rate, peak in capped:
+        lines.append(f"| {name} | {running} | {rate:.1f} | {peak / 2**20:.2f} |")
+    lines += ["", __doc__.split("Method (also written beside the results):")[1].strip()]
+    out = Path(a.out) / "batch_cpu.md"
+    write_atomic(out, "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

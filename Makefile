@@ -47,7 +47,7 @@ eval: setup weights
 	$(PY) -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --sweep --threads 1 --out bench/results $(EVAL_ARGS)
 
 # On a GPU machine (system python3, no .venv or weights needed): CUDA/Triton tests, then bench/bench_gpu.py
-# (random-weight 1B and 7B shapes at 4k-32k tokens) -> bench/results/gpu_<gpu>.md; about 8 minutes
+# (random-weight 1B and 7B shapes at 4k-32k tokens) and bench/bench_gpu_batch.py (batches at 4k/16k) -> bench/results/gpu_*.md; about 8.5 minutes
 gpu-check:
 	bash bench/gpu_check.sh
 

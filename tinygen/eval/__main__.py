@@ -3,6 +3,7 @@ fixed policies at equal memory, long-context perplexity, and policy-map figures.
 
     python -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --limit 12 --max-new-tokens 64 --sweep
     python -m tinygen.eval --long-context ../shared/eval/frankenstein.txt --ctx 4096 --windows 2
+    python -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --turns 2 --limit 40 --max-new-tokens 64
 """
 from __future__ import annotations
 
@@ -20,7 +21,13 @@ def parse_args(argv):
     p.add_argument("--prompts", metavar="FILE", help="JSONL or JSON list; records with prompt, instruction or turns")
     p.add_argument("--long-context", metavar="FILE", help="UTF-8 text for long-context perplexity")
     p.add_argument("--limit", type=int, help="use the first N prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt, or per turn with --turns")
+    p.add_argument("--turns", type=int, default=1, help="N >= 2: conversations of the first N of each record's "
+                   "'turns' (MT-Bench); the cache carries the conversation and each turn is scored (default 1)")
+    p.add_argument("--fixed", default=None, metavar="P,P,...", help="with --turns and auto: fixed policies matched "
+                   "to auto's kept fraction (default frequent,local+frequent; 'none' for none)")
+    p.add_argument("--fresh", action="store_true", help="with --turns: also run the method from an empty cache "
+                   "each turn (the whole history prefilled and profiled at once): what carrying the cache costs")
     p.add_argument("--sweep", action="store_true", help="auto's budget profile at kept 0.55/0.65/0.70/0.80, the fixed "
                    "policies (frequent, local+frequent, sinks) at each of its kept fractions, and the paper's "
                    "auto at T = 0.90/0.95/0.98/0.99")
@@ -73,7 +80,14 @@ def parse_args(argv):
               (a.threads >= 0, "--threads must be >= 0"),
               (not (a.diagnose and (a.sweep or a.policy != "auto")), "--diagnose works on one auto run, "
                "without --sweep"),
-              (not (a.sweep and a.policy not in ("auto",)), "--sweep runs every policy: leave out --policy")]
+              (not (a.sweep and a.policy not in ("auto",)), "--sweep runs every policy: leave out --policy"),
+              (a.turns >= 1, "--turns must be at least 1"),
+              (a.turns == 1 or a.prompts, "--turns needs --prompts FILE"),
+              (a.turns == 1 or not (a.sweep or a.diagnose or a.long_context or a.free_run),
+               "--turns runs on its own: leave out --sweep, --diagnose, --long-context and --free-run"),
+              (a.fixed is None or a.turns > 1, "--fixed goes with --turns"),
+              (not a.fresh or a.turns > 1, "--fresh goes with --turns"),
+              (a.fixed is None or a.policy == "auto", "--fixed is matched to auto: leave out --policy")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -92,19 +106,27 @@ def parse_args(argv):
         setattr(a, name, values)
     sys.path.insert(0, str(ROOT))
     from tinygen.errors import TinygenError
-    from tinygen.eval.methods import check_policy
-    from tinygen.fastgen.policy import FastGenConfig
+    from tinygen.eval.methods import SINKS, check_policy
+    from tinygen.fastgen.policy import PUNCT, SPECIAL, FastGenConfig, parse_policy
 
     if a.profile is None:
         a.profile = "paper" if a.threshold is not None else FastGenConfig.profile
     a.threshold = FastGenConfig.threshold if a.threshold is None else a.threshold
     a.kv_budget = FastGenConfig.kv_budget if a.kv_budget is None else a.kv_budget
 
+    if a.turns > 1:
+        text = "frequent,local+frequent" if a.fixed is None and a.policy == "auto" else (a.fixed or "none")
+        a.fixed = () if text == "none" else tuple(x.strip() for x in text.split(","))
     try:
         check_policy(a.policy)
+        for name in a.fixed or ():
+            check_policy(name)
+            if name in ("auto", "full") or name != SINKS and parse_policy(name) & (SPECIAL | PUNCT):
+                p.error(f"--fixed: {name!r} cannot be matched to a kept fraction (give frequent, local, "
+                        f"local+frequent or sinks)")
     except TinygenError as e:
         p.error(str(e))
-    if a.policy == "full" and not a.sweep:
+    if a.policy == "full" and not a.sweep and a.turns == 1:  # with --turns it checks the chunk path: 1.0 agreement
         p.error("--policy full is the reference itself: choose a compressed policy")
     return a
 
@@ -120,7 +142,12 @@ def run(a) -> int:
     from tinygen.loader import load_model
     from tinygen.tokenizer import Tokenizer
 
-    prompts = load_prompts(a.prompts, a.limit) if a.prompts else None  # bad input fails before the model loads
+    if a.turns > 1:  # bad input fails before the model loads
+        from tinygen.eval.turns import load_conversations
+
+        prompts, convs = None, load_conversations(a.prompts, a.turns, a.limit)
+    else:
+        prompts = load_prompts(a.prompts, a.limit) if a.prompts else None
     text = None
     if a.long_context:
         text = read_text(a.long_context)
@@ -140,6 +167,16 @@ def run(a) -> int:
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
             "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
             "free_run": a.free_run, "threads": torch.get_num_threads(), "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
+
+    if a.turns > 1:
+        from tinygen.eval.turns_report import turns_eval, write_turns_report
+
+        log(f"{len(convs)} conversations of {a.turns} turns, up to {a.max_new_tokens} new tokens a turn, on {device} "
+            f"({a.dtype})")
+        records, matching = turns_eval(model, tok, convs, method, a.fixed, a.max_new_tokens, a.fresh)
+        stem = a.tag or ("eval_two_turn" if a.turns == 2 else f"eval_{a.turns}_turns")
+        print(write_turns_report(out, stem, dict(meta, turns=a.turns, method=method.to_json()), records, matching))
+        return 0
 
     if prompts:
         prompts = encode_prompts(tok, prompts)

@@ -31,8 +31,8 @@ def prompt_of(record, where: str) -> str:
     return text
 
 
-def load_prompts(path: str, limit: int | None = None) -> list[dict]:
-    """[{"id", "prompt"}] from a JSON list or JSON Lines file; ids are the record's question_id/id, else its index."""
+def read_records(path: str) -> list[tuple[object, str]]:
+    """The records of a JSON list or JSON Lines file, each with where it is (for messages); at least one."""
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except OSError as e:
@@ -58,10 +58,17 @@ def load_prompts(path: str, limit: int | None = None) -> list[dict]:
             where.append(f"{path}: line {n}")
     if not records:
         raise TinygenError(f"{path}: no prompts")
-    out = []
-    for i, (rec, w) in enumerate(zip(records, where)):
-        rid = rec.get("question_id", rec.get("id", i)) if isinstance(rec, dict) else i
-        out.append({"id": rid, "prompt": prompt_of(rec, w)})
+    return list(zip(records, where))
+
+
+def record_id(record, index: int):
+    """A record's question_id/id, else its index."""
+    return record.get("question_id", record.get("id", index)) if isinstance(record, dict) else index
+
+
+def load_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """[{"id", "prompt"}] from a JSON list or JSON Lines file; ids are the record's question_id/id, else its index."""
+    out = [{"id": record_id(rec, i), "prompt": prompt_of(rec, w)} for i, (rec, w) in enumerate(read_records(path))]
     return out[:limit] if limit else out
 
 

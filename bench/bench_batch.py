@@ -10,7 +10,7 @@ Method (also written beside the results):
   decoded in one forward per step); decode tok/s counts every sequence's tokens out of decode steps over the
   decode time. Median over --repeats after one warm-up run; full and auto (budget 0.7) alternate.
 - Under a cap: --cap-prompts prompts with batch up to --cap-prompts and --kv-budget-mb set to what
-  --cap-full full caches need (the runner's projection: final length plus one growth block); how many sequences
+  N full caches need, for each N in --cap-full (the runner's projection: final length plus one growth block); how many sequences
   each policy runs at once, its decode throughput and its peak physical KV bytes (storage of the caches' tensors,
   sampled every 8 steps and at each admission).
 """
@@ -49,7 +49,7 @@ def main():
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cap-prompts", type=int, default=16)
-    p.add_argument("--cap-full", type=int, default=4, help="the cap holds this many full caches")
+    p.add_argument("--cap-full", default="4,8", help="caps that hold this many full caches (comma-separated)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
@@ -75,13 +75,14 @@ def main():
             table.append((B, name, statistics.median(rates[name]), *peaks[name]))
             print(f"batch {B} {name}: {table[-1][2]:.1f} tok/s, peak KV {peaks[name][0] / 2**20:.2f} MiB", flush=True)
 
-    cap = a.cap_full * projected_bytes(model, METHODS["full"], a.prompt, a.new)[1]
     capped = []
-    for name, cfg in METHODS.items():
-        stats = run(model, tok, cfg, prompts[: a.cap_prompts], a.cap_prompts, a.new, cap)
-        capped.append((name, stats.max_running, stats.decode_tokens_per_second, stats.peak_kv_bytes))
-        print(f"cap {cap / 2**20:.2f} MiB {name}: {stats.max_running} running, "
-              f"{stats.decode_tokens_per_second:.1f} tok/s", flush=True)
+    for n_full in [int(x) for x in a.cap_full.split(",")]:
+        cap = n_full * projected_bytes(model, METHODS["full"], a.prompt, a.new)[1]
+        for name, cfg in METHODS.items():
+            stats = run(model, tok, cfg, prompts[: a.cap_prompts], a.cap_prompts, a.new, cap)
+            capped.append((n_full, cap, name, stats.max_running, stats.decode_tokens_per_second, stats.peak_kv_bytes))
+            print(f"cap {cap / 2**20:.2f} MiB {name}: {stats.max_running} running, "
+                  f"{stats.decode_tokens_per_second:.1f} tok/s", flush=True)
 
     base = {name: next(r for b, m, r, *_ in table if m == name and b == batches[0]) for name in METHODS}
     lines = ["# Batches on the CPU: throughput and KV bytes", "", *[f"- {x}" for x in machine_lines()],
@@ -92,11 +93,12 @@ def main():
     for B, name, rate, peak, full in table:
         lines.append(f"| {B} | {name} | {rate:.1f} | {rate / base[name]:.2f} | {peak / 2**20:.2f} | "
                      f"{full / 2**20:.2f} |")
-    lines += ["", f"Under a cap of {cap / 2**20:.2f} MiB (what {a.cap_full} full caches of {a.prompt + a.new} "
-              f"tokens need), {a.cap_prompts} prompts:", "",
-              "| method | sequences at once | decode tok/s | peak KV MiB |", "| --- | ---: | ---: | ---: |"]
-    for name, running, rate, peak in capped:
-        lines.append(f"| {name} | {running} | {rate:.1f} | {peak / 2**20:.2f} |")
+    lines += ["", f"Under a KV byte cap that holds N full caches of {a.prompt + a.new} tokens, {a.cap_prompts} prompts "
+              "(one run each):", "",
+              "| cap (N full caches) | cap MiB | method | sequences at once | decode tok/s | peak KV MiB |",
+              "| ---: | ---: | --- | ---: | ---: | ---: |"]
+    for n_full, cap, name, running, rate, peak in capped:
+        lines.append(f"| {n_full} | {cap / 2**20:.2f} | {name} | {running} | {rate:.1f} | {peak / 2**20:.2f} |")
     lines += ["", __doc__.split("Method (also written beside the results):")[1].strip()]
     out = Path(a.out) / "batch_cpu.md"
     write_atomic(out, "\n".join(lines) + "\n")

@@ -159,11 +159,7 @@ def run(a) -> int:
         return run_chat(session, a.stats_json)
 
     text = a.prompt if a.prompt is not None else read_text(a.prompt_file)
-    if a.no_chat:
-        ids = tok.encode(text, bos=tok.add_bos)
-    else:
-        messages = ([{"role": "system", "content": a.system}] if a.system is not None else [])
-        ids = tok.encode(tok.render_chat(messages + [{"role": "user", "content": text}]))
+    ids = tok.encode_prompt(text, a.system, chat=not a.no_chat)
     if len(ids) >= cfg.max_seq_len:
         raise TinygenError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}")
     max_len = min(cfg.max_seq_len, len(ids) + a.max_new_tokens)

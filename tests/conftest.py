@@ -1,5 +1,6 @@
 import math
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def chat_model(tmp_path_factory, default_model_dir):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_model_dir / name, path / name)
     return path
+
+
+def interruptible():
+    """preexec_fn for a child that must take Ctrl-C even when the test run itself was started with SIGINT ignored
+    (a background job): Python installs its KeyboardInterrupt handler only where SIGINT is not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def assert_one_line_error(result, *fragments, code=None):

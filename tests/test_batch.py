@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DEVICES, ROOT
+from conftest import DEVICES, ROOT, interruptible
 
 from tinygen.batch import BatchRunner, projected_bytes
 from tinygen.fastgen.cache import fastgen_caches
@@ -68,11 +68,11 @@ def engine(default_model_dir):
     return model, Tokenizer(default_model_dir, model.cfg.eos_token_ids)
 
 
-def answers(engine, cfg, batch, max_new_tokens=24, cap=None):
+def answers(engine, cfg, batch, max_new_tokens=24, cap=None, ignore_eos=False):
     model, tok = engine
     prompts = [(i, tok.encode(tok.render_chat([{"role": "user", "content": t}]))) for i, t in enumerate(MIXED)]
     done = {}
-    runner = BatchRunner(model, tok, cfg, SamplingParams(), max_new_tokens, batch, cap)
+    runner = BatchRunner(model, tok, cfg, SamplingParams(), max_new_tokens, batch, cap, ignore_eos)
     stats = runner.run(prompts, lambda seq: done.__setitem__(seq.index, seq))
     assert all(not s.caches for s in done.values()), "a finished sequence frees its caches"
     return [done[i] for i in range(len(MIXED))], stats
@@ -105,6 +105,19 @@ def test_cap_admits_more_compressed_sequences(engine):
     assert 3 <= full.max_running < 6
     assert auto.max_running >= 1.35 * full.max_running
     assert full.peak_kv_bytes <= cap and auto.peak_kv_bytes <= cap
+
+
+@pytest.mark.parametrize("cfg", [FastGenConfig("full"), FastGenConfig(kv_budget=0.5), FastGenConfig(kv_budget=0.73),
+                                 FastGenConfig(kv_budget=0.96), FastGenConfig("local+frequent")],
+                         ids=["full", "auto-0.5", "auto-0.73", "auto-0.96", "local+frequent"])
+def test_projection_bounds_what_a_sequence_holds(engine, cfg):
+    """The admission projection is an upper bound on the bytes each sequence's caches hold (the budget profile's
+    heads take menu shares in steps of 0.05: 0.73 keeps 0.75, 0.96 keeps everything), and not a loose one (at
+    60-token lengths one row per head and a growth block are a fair share of it)."""
+    seqs, stats = answers(engine, cfg, batch=3, max_new_tokens=24, ignore_eos=True)  # each reaches its worst case
+    for s in seqs:
+        assert s.kv_bytes <= s.projected <= 1.5 * s.kv_bytes, (s.kv_bytes, s.projected)  # short: +1 row, a block
+    assert stats.peak_kv_bytes <= sum(sorted(s.projected_prefill for s in seqs)[-3:])
 
 
 def cli(*args, timeout=300):
@@ -163,7 +176,7 @@ def test_ctrl_c_keeps_the_finished_answers(chat_model, tmp_path):
     src.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(400)))
     p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--model", str(chat_model), "--prompts-file", str(src),
                           "--out", str(out), "--batch", "1", "--max-new-tokens", "30", "--ignore-eos", "--progress",
-                          "--policy", "full"], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                          "--policy", "full"], stderr=subprocess.PIPE, text=True, cwd=ROOT, preexec_fn=interruptible)
     seen = ""
     while not re.search(r"\[answers [1-9]\d*/400 done", seen):  # the progress line: some answers are done
         ch = p.stderr.read(1)

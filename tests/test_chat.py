@@ -38,8 +38,8 @@ def chat(engine, policy: str, turns, max_new_tokens=24, **cfg):
 
 
 def test_full_cache_chat_equals_prefilling_the_conversation_from_scratch(engine):
-    """Greedy, float32: turn n's answer equals a fresh full cache's answer to the whole conversation rendered and prefilled at once,
-    and the conversation's ids are what the template renders, tokenized from scratch."""
+    """Greedy, float32: turn n's answer equals a fresh full cache's answer to the whole conversation rendered and
+    prefilled at once, and the conversation's ids are what the template renders, tokenized from scratch."""
     model, tok = engine
     session, answers, records = chat(engine, "full", TURNS)
     messages = []
@@ -50,8 +50,28 @@ def test_full_cache_chat_equals_prefilling_the_conversation_from_scratch(engine)
         assert answers[i] == tok.decode(fresh), (i, answers[i], tok.decode(fresh))
         messages.append({"role": "assistant", "content": answers[i]})
     assert session.conv.ids == tok.encode(tok.render_chat(messages, add_generation_prompt=False))[:len(session.conv.ids)]
-    # answers cut at the token limit: their last token reaches the cache with the next turn
-    assert records[0]["stop_reason"] == "length" and records[1]["prompt_tokens"] > len(tok.encode(TURNS[1]))
+    # an answer cut at the token limit: its last token reaches the cache with the next turn, before the rendering
+    # of the new message (which starts with the answer's end-of-message)
+    assert records[0]["stop_reason"] == "length"
+    turn2 = tok.encode(tok.render_chat(messages[:3]))[records[0]["context_tokens"]:]
+    assert records[1]["prompt_tokens"] == 1 + len(turn2)
+
+
+def test_a_turn_after_an_interrupted_answer(engine):
+    """Ctrl-C stops an answer between two steps: the next turn still equals prefilling the whole conversation (the
+    stopped answer's last token, never fed back, comes first in its chunk)."""
+    model, tok = engine
+    session = ChatSession(model, tok, FastGenConfig("full"), SamplingParams(), 24)
+    first = []
+    record = session.turn(TURNS[0], first.append, interrupted=lambda: len("".join(first)) >= 10)
+    assert record["stop_reason"] == "interrupted" and record["generated_tokens"] < 24
+    assert session.seen == record["context_tokens"] - 1
+    second = []
+    session.turn(TURNS[1], second.append)
+    messages = [{"role": "user", "content": TURNS[0]}, {"role": "assistant", "content": "".join(first)},
+                {"role": "user", "content": TURNS[1]}]
+    fresh = generate(model, tok.encode(tok.render_chat(messages)), full_caches(model, 512), 24, eos_ids=tok.eos_ids)
+    assert "".join(second) == tok.decode(list(fresh))
 
 
 def test_later_turns_prefill_only_their_own_tokens(engine):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, interruptible
 from safetensors.torch import load_file, save_file
 
 
@@ -149,7 +149,7 @@ def test_cuda_without_gpu(chat_model):
 def test_ctrl_c_keeps_text_prints_stats_exits_130(default_model_dir):
     p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--prompt", "Write a long story about a cat.",
                           "--max-new-tokens", "2000", "--ignore-eos"], cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     first = p.stdout.read(20)  # wait until generation is streaming
     time.sleep(0.5)
     p.send_signal(signal.SIGINT)

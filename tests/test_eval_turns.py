@@ -217,6 +217,7 @@ def test_bad_flags_are_one_line(tmp_path):
                             "--fixed is matched to auto"),
                            (["--prompts", f, "--turns", "2", "--fixed", "special+frequent"], "cannot be matched"),
                            (["--prompts", f, "--turns", "2", "--fixed", "nearby"], "unknown policy"),
+                           (["--prompts", f, "--turns", "2", "--fixed", "sinks"], "sinks cannot take a later turn"),
                            (["--prompts", f, "--turns", "2"], "line 1: 2 turns needed")]:
         assert_one_line_error(run_eval(*args), fragment)
 

@@ -343,13 +343,13 @@ def test_chunks_after_decoding(device, mix, force_policies):
 
 @pytest.mark.parametrize("policy", ["frequent", "local+frequent", "special+punct", "full"])
 def test_chunk_right_after_prompt_and_budget_profile(policy):
-    """A chunk as the first thing after the prompt (no decode step between), for fixed policies and the budget
-    profile's per-head ratios."""
+    """A chunk as the first thing after the prompt (no decode step between), for fixed policies."""
     cfg = FastGenConfig(policy=policy, growth_block=4)
     run(cfg, "cpu", steps=10, seed=2, chunks={0: 40, 9: 5})
 
 
 def test_chunk_budget_profile():
+    """Chunks into the budget profile's stores (per-head ratios): the kept fraction stays near the budget."""
     cfg = FastGenConfig(policy="auto", kv_budget=0.5, growth_block=4)
     cache, _ = run(cfg, "cpu", steps=12, seed=4, chunks={0: 25, 6: 60})
     assert cache.kept_tokens() / (cache.length * N_KV) == pytest.approx(0.5, abs=0.05)

@@ -17,13 +17,6 @@ from .errors import TinygenError
 from .eval.prompts import prompt_of, read_records
 
 
-def render(tok, text: str, system: str | None, chat: bool) -> list[int]:
-    if not chat:
-        return tok.encode(text, bos=tok.add_bos)
-    messages = ([{"role": "system", "content": system}] if system is not None else [])
-    return tok.encode(tok.render_chat(messages + [{"role": "user", "content": text}]))
-
-
 class Progress:
     """`[answers 12/80 done, 8 running, 123.4 tok/s]` on stderr, at most every `every` seconds."""
 
@@ -45,7 +38,7 @@ def run_prompts_file(a, model, tok, fastgen, sampling, show_progress: bool) -> i
     answers: dict[int, dict] = {}
     prompts = []
     for i, (record, where) in enumerate(records):
-        ids = render(tok, prompt_of(record, where), a.system, not a.no_chat)
+        ids = tok.encode_prompt(prompt_of(record, where), a.system, chat=not a.no_chat)
         if len(ids) >= limit:
             answers[i] = {"index": i, "error": f"the prompt has {len(ids)} tokens; the model's context is {limit}"}
         else:

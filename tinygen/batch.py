@@ -8,9 +8,10 @@ the batch when its projected KV bytes fit under the cap; a sequence that finishe
 context) leaves at once and its caches are freed, which makes room for the next prompt.
 
 The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time
-(its final length, plus one growth block, plus a FastGen store's positions, flags and scores), for the full cache
-and for FastGen alike. With the budget profile a head keeps its share of the length, so the projection uses
---kv-budget; the paper's profile and fixed policies that protect special/punctuation tokens project a full cache.
+(the full cache: its final length, the most its caches are sized for; FastGen: what its budget keeps of the final
+length plus one growth block, and a store's positions, flags, scores and bitmaps), for the full cache and for
+FastGen alike. With the budget profile a head keeps its menu share of the length (`kept_share`); the paper's profile
+and fixed policies that protect special/punctuation tokens project a full cache.
 """
 from __future__ import annotations
 
@@ -76,24 +77,34 @@ def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_token
     full K/V for the planner. Only one sequence prefills at a time, so admission adds the second figure of the
     new sequence to the first figures of the running ones."""
     c, itemsize = model.cfg, model.embed.weight.dtype.itemsize
-    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)
+    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
     kv_row = 2 * c.head_dim * itemsize  # K and V of one token of one KV head
     per_layer = c.n_layers * c.n_kv_heads
     if cfg.policy == "full":
-        steady = per_layer * (final + max(16, final // 16)) * kv_row  # FullCache's growth block
+        steady = per_layer * final * kv_row
         return steady, steady
-    share = 1.0
-    if cfg.budgeted:
-        share = cfg.kv_budget
-    elif cfg.fixed_policy is not None and not protected_kinds(cfg.fixed_policy):  # local and/or frequent
-        share = min(1.0, (cfg.local_ratio if cfg.fixed_policy & LOCAL else 0) +
-                    (cfg.frequent_ratio if cfg.fixed_policy & FREQUENT else 0))
-    kept = min(final, math.ceil(share * final) + 1)
-    rows = kept + max(cfg.growth_block, kept // 16)  # one growth block
+    kept = min(final, math.ceil(kept_share(cfg) * final) + 1)
+    rows = min(final, kept + max(cfg.growth_block, kept // 16))  # one growth block, never past max_len
     # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap
     steady = per_layer * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8)
     prefill_peak = per_layer * prompt_tokens * kv_row if cfg.budgeted else 0
     return steady, max(steady, prefill_peak)
+
+
+def kept_share(cfg: FastGenConfig) -> float:
+    """The most a sequence keeps, as a share of its length, known before profiling. The budget profile's heads take
+    menu shares (steps of 0.05): at the default floor of 1 each takes the smallest one >= --kv-budget; below it
+    the planner keeps the mean within the budget. Fixed local/frequent policies keep their ratios; anything that
+    protects special/punctuation tokens (or the paper's profile) may keep everything."""
+    from .fastgen.budget import SHARES
+
+    if cfg.budgeted:
+        floor = cfg.head_floor * cfg.kv_budget
+        return min(1.0, max(cfg.kv_budget, min((s for s in SHARES if s >= floor - 1e-9), default=1.0)))
+    if cfg.fixed_policy is not None and not protected_kinds(cfg.fixed_policy):  # local and/or frequent
+        return min(1.0, (cfg.local_ratio if cfg.fixed_policy & LOCAL else 0) +
+                   (cfg.frequent_ratio if cfg.fixed_policy & FREQUENT else 0))
+    return 1.0
 
 
 class BatchRunner:
@@ -105,13 +116,15 @@ class BatchRunner:
         self.model, self.tok, self.cfg, self.sampling = model, tok, cfg, sampling
         self.max_new_tokens, self.batch, self.cap, self.ignore_eos = max_new_tokens, batch, kv_cap_bytes, ignore_eos
         self.on_progress, self.check_every = on_progress, check_every
+        assert batch >= 1, "a batch holds at least one sequence"
         self.device = model.embed.weight.device
 
     def projected(self, prompt_tokens: int) -> tuple[int, int]:
         return projected_bytes(self.model, self.cfg, prompt_tokens, self.max_new_tokens)
 
-    def _start(self, seq: Sequence) -> None:
-        """Prefill one admitted prompt on its own and sample its first token."""
+    def _start(self, seq: Sequence, running: list[Sequence], stats: BatchStats) -> None:
+        """Prefill one admitted prompt on its own and sample its first token. The KV bytes are sampled before the
+        last layer's prefill too, when the budget profile holds every layer's prompt K/V."""
         limit = min(self.model.cfg.max_seq_len, len(seq.prompt) + self.max_new_tokens)
         seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
         if self.sampling.seed is not None:
@@ -119,7 +132,9 @@ class BatchRunner:
             seq.generator.manual_seed(self.sampling.seed)
         if seq.on_tokens:
             seq.on_tokens(seq.prompt)
-        logits = prefill(self.model, seq.prompt, seq.caches)
+        last = self.model.cfg.n_layers - 2
+        on_layer = lambda i: self._measure(running + [seq], stats) if i == last else None
+        logits = prefill(self.model, seq.prompt, seq.caches, 0, on_layer)
         self._take(seq, int(sample(logits, self.sampling, seq.generator).item()))
 
     def _take(self, seq: Sequence, token: int) -> None:
@@ -178,16 +193,16 @@ class BatchRunner:
                     self.cap is None or sum(s.projected for s in running) + waiting[-1].projected_prefill <= self.cap):
                 seq = waiting.pop()
                 t0 = time.perf_counter()
-                self._start(seq)
+                self._start(seq, running, stats)
                 stats.prefill_seconds += time.perf_counter() - t0
                 running.append(seq)
+                stats.max_running = max(stats.max_running, len(running))
                 self._measure(running, stats)
                 if seq.stop_reason:
                     running.remove(seq)
                     finish(seq)
             if not running:
                 continue  # everything admitted so far finished at its prefill: admit more
-            stats.max_running = max(stats.max_running, len(running))
             t0 = time.perf_counter()
             ids = self._step(running)
             stats.decode_seconds += time.perf_counter() - t0

@@ -23,7 +23,8 @@ class KVCache(Protocol):
         """Append k, v for T new tokens and attend q to everything the cache keeps.
 
         q: (n_heads, T, head_dim); k, v: (n_kv_heads, T, head_dim), rotary already applied.
-        T > 1 is a prefill (causal among the new tokens); T == 1 is one decode step.
+        T > 1 is a prefill (causal among the new tokens), or, once the cache holds tokens, a chunk after them (a
+        chat's next turn); T == 1 is one decode step.
         Returns (n_heads, T, head_dim).
         """
 

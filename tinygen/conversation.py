@@ -31,9 +31,10 @@ class Conversation:
         """Add a user message; returns its new tokens (the rendering's difference from the history)."""
         messages = self.messages + [{"role": "user", "content": content}]
         rendered = self.tok.render_chat(messages, add_generation_prompt=True)
-        if not rendered.startswith(self.text):
-            raise TinygenError("the chat template does not render the conversation as an extension of its history")
-        new = self.tok.encode(rendered[len(self.text):], bos=self.tok.add_bos and not self.ids)
+        if not rendered.startswith(self.text):  # e.g. a template that trims the answers it renders back
+            raise TinygenError("this chat template does not render the conversation as an extension of its "
+                               "history (does it trim messages?): /reset starts a new one")
+        new = self.tok.encode(rendered[len(self.text):])  # as one-shot prompts: the template brings any BOS
         self._before = (self.messages, self.text, len(self.ids))
         self.messages, self.text = messages, rendered
         self.ids += new

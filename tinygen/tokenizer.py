@@ -43,6 +43,14 @@ class Tokenizer:
             ids = [bos_id] + ids
         return ids
 
+    def encode_prompt(self, text: str, system: str | None = None, chat: bool = True) -> list[int]:
+        """A user message's ids as the model is asked it: through the chat template (with `system`), or raw text
+        with BOS where the model uses one (chat=False). The template brings its own BOS where it has one."""
+        if not chat:
+            return self.encode(text, bos=self.add_bos)
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        return self.encode(self.render_chat(messages + [{"role": "user", "content": text}]))
+
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._backend.decode(ids, skip_special)
 

@@ -126,6 +126,9 @@ def parse_args(argv):
                         f"local+frequent or sinks)")
     except TinygenError as e:
         p.error(str(e))
+    if a.turns > 1 and SINKS in (a.policy, *(a.fixed or ())):
+        p.error("sinks cannot take a later turn (its window cache decodes one token at a time): with --turns give "
+                "frequent, local or local+frequent")
     if a.policy == "full" and not a.sweep and a.turns == 1:  # with --turns it checks the chunk path: 1.0 agreement
         p.error("--policy full is the reference itself: choose a compressed policy")
     return a

@@ -5,8 +5,8 @@ kinds), so their rows live in one (heads, capacity, head_dim) tensor and attend 
 row r of head h holds the token at position `pos[h, r]`; `bitmap[h]` marks (one bit per position) which tokens head
 h holds. A head's resident rows are [0, kept), except after an eviction: then one row below `kept + 1` (the head's
 `free` row) holds the evicted token, which attention no longer reads once the next token overwrites it. The next
-token goes to row `kept`, or after an eviction to each head's freed row, so evictions reuse slots and nothing is
-compacted. Which token leaves differs per head and is found on the device;
+token goes to row `kept`, or after an eviction to each head's freed row, so evictions reuse slots and a decode step
+compacts nothing. Which token leaves differs per head and is found on the device;
 how many leave is known on the host, so a decode step needs no device sync.
 
 A step is `append` (write the new token), attention, `settle` (keep it or evict one per head). On the CPU a store
@@ -139,8 +139,7 @@ class PolicyStore:
         """After attention: keep the new token or evict one per head, as the budget at `length` says."""
         rows, new_pos = self.kept + 1, length - 1
         # Budgets grow with the length, but an evicted token never comes back: keep at most what is resident.
-        target = min(rows, kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n),
-                                      self.cfg))
+        target = min(rows, self._budget(length))
         assert rows - target in (0, 1), f"policy {self.policy}: {rows - target} evictions in one step"
         if rows == target:
             self.bitmap[:, new_pos // 8] |= 1 << (new_pos % 8)
@@ -152,18 +151,28 @@ class PolicyStore:
             self._evict(rows, length)
         self.kept = target
 
+    def _budget(self, length: int) -> int:
+        """The most tokens each head keeps at `length` (kept_count with this sequence's token kinds)."""
+        return kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n), self.cfg)
+
+    def _rank(self, rows: int, length: int) -> torch.Tensor:
+        """(heads, rows) how much each resident row deserves to stay: +inf for protected tokens and the local
+        window, else the mean attention since arrival (cumulative score / the length - pos queries that saw it),
+        or, without `frequent`, the position (newer stays). Decode steps and chunks evict by this one ranking."""
+        pos = self.pos[:, :rows]
+        must = self.prot[:, :rows]
+        if self.policy & LOCAL:
+            must = must | (pos >= length - window(self.policy, length, self.cfg))
+        key = self.score[:, :rows] / (length - pos) if self.score is not None else pos.float()
+        return key.masked_fill(must, float("inf"))
+
     def _evict(self, rows: int, length: int):
         """Free one row per head: the unprotected token outside the local window with the lowest mean attention
         since it arrived (cumulative score / the length - pos queries that saw it), or, without `frequent`, the
         oldest such token. Ranking by the raw cumulative score (notes decision 6) evicts nearly every new token at
         once, since it competes with prompt tokens that summed a whole prompt's attention: see README."""
-        pos = self.pos[:, :rows]
-        keep = self.prot[:, :rows]
-        if self.policy & LOCAL:
-            keep = keep | (pos >= length - window(self.policy, length, self.cfg))
-        key = self.score[:, :rows] / (length - pos) if self.score is not None else pos.float()
-        victim = key.masked_fill(keep, float("inf")).argmin(dim=1)  # (heads,)
-        gone = pos.gather(1, victim[:, None]).long()
+        victim = self._rank(rows, length).argmin(dim=1)  # (heads,)
+        gone = self.pos[:, :rows].gather(1, victim[:, None]).long()
         byte, bit = gone // 8, (gone % 8).to(torch.uint8)
         self.bitmap.scatter_(1, byte, self.bitmap.gather(1, byte) & ~(torch.ones_like(bit) << bit))
         self.free, self.hole = victim, True
@@ -209,15 +218,9 @@ class PolicyStore:
         """Keep, per head, min(rows, budget at `length`) of resident rows [0, rows): protected tokens and the local
         window, then the highest mean attention since arrival (or, without `frequent`, the newest); compact them
         into rows [0, kept) and rebuild the bitmaps."""
-        target = min(rows, kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n),
-                                      self.cfg))
+        target = min(rows, self._budget(length))
         if target < rows:
-            pos = self.pos[:, :rows]
-            must = self.prot[:, :rows]
-            if self.policy & LOCAL:
-                must = must | (pos >= length - window(self.policy, length, self.cfg))
-            key = self.score[:, :rows] / (length - pos) if self.score is not None else pos.float()
-            chosen = key.masked_fill(must, float("inf")).topk(target, dim=1).indices.sort(dim=1).values
+            chosen = self._rank(rows, length).topk(target, dim=1).indices.sort(dim=1).values
             for t in self.row_tensors():
                 idx = chosen.view(*chosen.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])
                 t[:, :target] = t.gather(1, idx)

@@ -9,7 +9,7 @@ context) leaves at once and its caches are freed, which makes room for the next 
 
 The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time
 (the full cache: its final length, the most its caches are sized for; FastGen: what its budget keeps of the final
-length plus one growth block, and a store's positions, flags, scores and bitmaps), for the full cache and for
+length plus the row a step writes before it evicts, and a store's positions, flags, scores and bitmaps), for the full cache and for
 FastGen alike. With the budget profile a head keeps its menu share of the length (`kept_share`); the paper's profile
 and fixed policies that protect special/punctuation tokens project a full cache.
 """
@@ -83,10 +83,10 @@ def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_token
     if cfg.policy == "full":
         steady = per_layer * final * kv_row
         return steady, steady
-    kept = min(final, math.ceil(kept_share(cfg) * final) + 1)
-    rows = min(final, kept + max(cfg.growth_block, kept // 16))  # one growth block, never past max_len
-    # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap
-    steady = per_layer * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8)
+    kept = min(final, math.ceil(kept_share(cfg) * final) + 1)  # +1: local+frequent rounds two shares up
+    rows = min(final, kept + 1)  # a store never holds more than its budget at max_len and the next token's row
+    # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap and its freed row
+    steady = per_layer * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8 + 8)
     prefill_peak = per_layer * prompt_tokens * kv_row if cfg.budgeted else 0
     return steady, max(steady, prefill_peak)
 

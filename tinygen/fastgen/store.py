@@ -41,7 +41,11 @@ class PolicyStore:
         self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
         self.groups, self.kept, self.hole = groups, kept, False
         self.max_len = max_len
-        cap = min(max_len, kept + self.block_rows(kept))
+        # The most rows a step ever needs: the budget at max_len (budgets grow with the length) plus the row a new
+        # token is written to before the step evicts. Unknown future protected tokens count as protected.
+        most = kept_count(policy, max_len, lambda n: n if self.protect else 0, cfg) + 1
+        self.most_rows = max(kept, min(max_len, most))
+        cap = min(self.most_rows, kept + self.block_rows(kept))
         self.k = k.new_empty(heads, cap, head_dim)
         self.v = v.new_empty(heads, cap, head_dim)
         self.pos = torch.full((heads, cap), -1, dtype=torch.int32, device=device)
@@ -70,8 +74,9 @@ class PolicyStore:
         return max(self.cfg.growth_block, kept // 16)
 
     def _grow(self, rows: int):
-        """Make room for `rows` rows, plus one block beyond what is then kept."""
-        self._reallocate(min(self.max_len, rows - 1 + self.block_rows(rows - 1)))
+        """Make room for `rows` rows, plus one block beyond what is then kept, but never more rows than the store
+        can need (`most_rows`; a chunk may need more for a moment, before it evicts)."""
+        self._reallocate(max(rows, min(self.most_rows, rows - 1 + self.block_rows(rows - 1))))
 
     def _reallocate(self, cap: int):
         """Move every per-row tensor to a capacity of `cap` rows, keeping the first min(cap, capacity) rows."""
@@ -226,7 +231,7 @@ class PolicyStore:
                 t[:, :target] = t.gather(1, idx)
             self.bitmap.zero_()
             if self.k.shape[1] > target + self.block_rows(target):  # give back what the chunk's rows took
-                self._reallocate(min(self.max_len, target + self.block_rows(target)))
+                self._reallocate(max(target, min(self.most_rows, target + self.block_rows(target))))
         self._set_bits(self.pos[:, :target].long())
         self.kept = target
 

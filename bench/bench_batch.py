@@ -10,7 +10,7 @@ Method (also written beside the results):
   decoded in one forward per step); decode tok/s counts every sequence's tokens out of decode steps over the
   decode time. Median over --repeats after one warm-up run; full and auto (budget 0.7) alternate.
 - Under a cap: --cap-prompts prompts with batch up to --cap-prompts and --kv-budget-mb set to what
-  N full caches need, for each N in --cap-full (the runner's projection: final length plus one growth block); how many sequences
+  N full caches need, for each N in --cap-full (the runner's projection: a full cache of the final length); how many sequences
   each policy runs at once, its decode throughput and its peak physical KV bytes (storage of the caches' tensors,
   sampled every 8 steps and at each admission).
 """

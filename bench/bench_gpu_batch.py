@@ -92,9 +92,9 @@ class TimedRunner(BatchRunner):
         if time.perf_counter() > self.deadline:
             raise OutOfTime
 
-    def _start(self, seq):
+    def _start(self, seq, *args):
         self._check()
-        super()._start(seq)
+        super()._start(seq, *args)
 
 
 def kv_need(model, cfg: FastGenConfig, L: int, new: int, running: int) -> int:

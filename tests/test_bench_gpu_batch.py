@@ -54,5 +54,7 @@ def test_smoke_writes_every_row(tmp_path):
     capped = {m: (int(running), float(tps)) for m, running, tps, *_ in table(md, "method")}
     assert set(capped) == {"full", "auto"}
     assert capped["full"][0] == 4  # the cap holds 4 full caches
-    assert capped["auto"][0] == int(cap[2]) > 4  # auto's smaller projection admits every prompt at once
+    # auto's projection admits every prompt at once; with the tiny shape's 16-dim heads a store's per-row positions,
+    # flags and scores are a large share of a row, so that may be no more than full's 4
+    assert capped["auto"][0] == int(cap[2]) >= 4
     assert all(tps > 0 for _, tps in capped.values())

@@ -54,14 +54,18 @@ def default_model_dir():
     return DEFAULT_MODEL
 
 
-@pytest.fixture(scope="session")
-def chat_model(tmp_path_factory, default_model_dir):
-    """A tiny random model with the default tokenizer (vocabulary-sized embedding), fast to load."""
-    path = tmp_path_factory.mktemp("tinychat")
-    save_tiny_model(path, vocab_size=49152, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+def save_tiny_chat_model(path: Path, default_model_dir: Path, context: int) -> Path:
+    """A tiny random model with the default tokenizer (vocabulary-sized embedding) and `context` positions."""
+    save_tiny_model(path, vocab_size=49152, max_position_embeddings=context, bos_token_id=1, eos_token_id=2)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(default_model_dir / name, path / name)
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_model(tmp_path_factory, default_model_dir):
+    """A tiny random chat model with a 64-token context, fast to load."""
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat"), default_model_dir, 64)
 
 
 def interruptible():

@@ -8,7 +8,7 @@ import time
 import uuid
 
 import pytest
-from conftest import ROOT, save_tiny_model
+from conftest import ROOT, save_tiny_chat_model
 
 from tinygen.chat import ChatSession
 from tinygen.fastgen.policy import FastGenConfig
@@ -180,10 +180,7 @@ def test_chat_in_a_real_terminal(default_model_dir, tmp_path):
 def test_long_prefill_progress_line(default_model_dir, tmp_path):
     """A prompt of 1k tokens or more shows a progress line on stderr with --progress (stderr is not a terminal
     here, so without the flag nothing is shown). A tiny random model with a 2k context and the default tokenizer."""
-    model_dir = tmp_path / "tiny2k"
-    save_tiny_model(model_dir, vocab_size=49152, max_position_embeddings=2048)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, model_dir / name)
+    model_dir = save_tiny_chat_model(tmp_path / "tiny2k", default_model_dir, 2048)
     text = (ROOT.parent / "shared" / "eval" / "pride_and_prejudice.txt").read_text(encoding="utf-8")[20000:27000]
     prompt = tmp_path / "long.txt"
     prompt.write_text(text, encoding="utf-8")

@@ -2,13 +2,12 @@
 cache), teacher forcing along it, per-turn records and summaries, and the command line, on a tiny random model with
 the default tokenizer."""
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, save_tiny_model
+from conftest import ROOT, assert_one_line_error, save_tiny_chat_model
 
 from tinygen.conversation import Conversation
 from tinygen.errors import TinygenError
@@ -23,11 +22,7 @@ QUESTIONS = ["Name three rivers.", "Now sort them by length."]
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory, default_model_dir):
     """A tiny random model with the default tokenizer and room for a two-turn conversation (256 positions)."""
-    path = tmp_path_factory.mktemp("tinychat256")
-    save_tiny_model(path, vocab_size=49152, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_dir / name, path / name)
-    return path
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tinychat256"), default_model_dir, 256)
 
 
 @pytest.fixture(scope="module")

@@ -102,8 +102,11 @@ class Llama(nn.Module):
         B, T = tokens.shape
         assert len(caches) == B and all(len(c) == self.cfg.n_layers for c in caches), "one cache per layer"
         assert max(start_pos) + T <= self.cfg.max_seq_len, f"position {max(start_pos) + T} beyond context {self.cfg.max_seq_len}"
-        cos = torch.cat([self.rope_cos[s : s + T] for s in start_pos])  # (B*T, head_dim), each sequence's positions
-        sin = torch.cat([self.rope_sin[s : s + T] for s in start_pos])
+        if B == 1:  # a view of the tables: no copy on the batch-1 decode step
+            cos, sin = self.rope_cos[start_pos[0] : start_pos[0] + T], self.rope_sin[start_pos[0] : start_pos[0] + T]
+        else:  # (B*T, head_dim), each sequence's positions
+            cos = torch.cat([self.rope_cos[s : s + T] for s in start_pos])
+            sin = torch.cat([self.rope_sin[s : s + T] for s in start_pos])
         x = self.embed(tokens.flatten())  # (B*T, dim): the linear layers see every sequence's rows at once
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, [c[i] for c in caches])

@@ -133,7 +133,9 @@ def run(a) -> int:
              "frequent_ratio": a.frequent_ratio}
     fastgen = FastGenConfig(a.policy, a.profile, **{k: x for k, x in given.items() if x is not None})
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize)
+    # A prompts file decodes up to --batch sequences per step: the CPU weights take the layout batches read fastest.
+    batch = a.batch if a.prompts_file else 1
+    model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize, batch=batch)
     cfg = model.cfg
     tok = Tokenizer(a.model, cfg.eos_token_ids)
 

@@ -56,6 +56,49 @@ def test_packed_model_matches_dequantized_reference(tiny_model_dir, mode, dtype)
     assert relative_error(plain, ref) > (1e-3 if mode == "int8" else 1e-2)
 
 
+@pytest.mark.skipif(not quant.mkldnn_linear(), reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.inference_mode()
+def test_onednn_packed_linear_computes_f_linear(dtype):
+    """A layer over oneDNN's packed weight gives F.linear's product for every row count a step may bring:
+    bit for bit in bfloat16 (what MkldnnLinear's docstring claims), to float32 rounding in float32."""
+    if dtype == torch.bfloat16 and not quant.mkldnn_bf16():
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g).to(dtype)
+    for rows in (1, 8):
+        layer = quant.MkldnnLinear(w, rows)
+        for n in (1, 3, 8, 40):
+            x = torch.randn(n, 64, generator=g).to(dtype)
+            want = torch.nn.functional.linear(x, w)
+            if dtype == torch.bfloat16:
+                assert torch.equal(layer(x), want)
+            else:
+                torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not quant.mkldnn_linear(), reason="this torch build has no oneDNN linear")
+@torch.inference_mode()
+def test_batch_layout_packs_every_matrix_and_keeps_the_logits(tiny_model_dir):
+    """load_model(batch=8) on the CPU prepacks every linear layer and the (tied) head for oneDNN, and a batch
+    forward gives what the batch-1 layout (plain (in, out) storage, exact against HF in test_model) gives."""
+    gemv, packed = load_model(tiny_model_dir), load_model(tiny_model_dir, batch=8)
+    assert not any(isinstance(m, quant.MkldnnLinear) for m in gemv.modules())
+    linears = [m for m in packed.modules() if isinstance(m, (torch.nn.Linear, quant.MkldnnLinear))]
+    assert linears and all(isinstance(m, quant.MkldnnLinear) for m in linears)
+    assert isinstance(packed.lm_head, quant.MkldnnLinear)  # the tiny model's head is tied: its own packed copy
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 12)]
+    gemv_caches, packed_caches = [full_caches(gemv, 32) for _ in prompts], [full_caches(packed, 32) for _ in prompts]
+    for p, a, b in zip(prompts, packed_caches, gemv_caches):  # prefill: many rows
+        torch.testing.assert_close(packed(p, a, 0), gemv(p, b, 0), atol=1e-4, rtol=1e-4)
+    for step in range(4):  # decode steps of both sequences at once against the same batch in the batch-1 layout
+        tokens = torch.randint(3, 97, (2, 1), generator=g)
+        pos = [len(p) + step for p in prompts]
+        torch.testing.assert_close(packed(tokens, packed_caches, pos), gemv(tokens, gemv_caches, pos),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_int8_linear_exact_on_representable_values():
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)

@@ -86,11 +86,12 @@ def answers(engine, cfg, batch, max_new_tokens=24, cap=None, ignore_eos=False):
 
 @pytest.mark.parametrize("cfg", [FastGenConfig("full"), FastGenConfig()], ids=["full", "auto"])
 def test_each_sequence_of_a_batch_gives_its_batch1_text(engine, batch_engine, cfg):
-    """Greedy, float32, six prompts of different lengths: batch 6 (weights packed for batches) against batch 1
-    (the batch-1 layout), each loaded as the command line loads it. The batched matmuls round differently from one
-    row's, which may flip a near tie: at least 5 of 6 identical (all 6 measured here).
-    With auto every (sequence, KV head) pair gets the policy a batch-1 run of the same loaded model gives (the
-    prefill rounds differently in the other layout: 8 of 540 pairs took a neighbouring menu option, measured)."""
+    """Greedy, float32, six prompts of different lengths: batch 6 against batch 1, each model loaded as the command
+    line loads it (for 6 rows or one: on one thread these are different weight layouts). The batched matmuls round
+    differently from one row's, which may flip a near tie: at least 5 of 6 identical (all 6 measured here).
+    With auto every (sequence, KV head) pair gets the policy a batch-1 run of the same loaded model gives (against
+    the one-thread GEMV layout the prefill rounds differently: 8 of 540 pairs took a neighbouring menu option,
+    measured; with 2 threads, both layouts packed, none did)."""
     one, _ = answers(engine, cfg, batch=1)
     six, stats = answers(batch_engine, cfg, batch=6)
     assert stats.max_running == 6

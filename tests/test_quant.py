@@ -28,9 +28,21 @@ def logits(model, tokens):
     return torch.cat(out)
 
 
+def plain_float32(model_dir):
+    """The float32 model with nn.Linear layers: the layout a batch-1 load on one thread keeps (with more threads the
+    CPU layout prepacks them for oneDNN, which the dense reference cannot start from)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        return load_model(model_dir, dtype="float32")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def reference(model_dir, mode):
-    model = load_model(model_dir, dtype="float32")
+    model = plain_float32(model_dir)
     quantize_model(model, mode, model_dir, torch.float32, reference=True)
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
     return model.eval()
 
 
@@ -79,14 +91,23 @@ def test_onednn_packed_linear_computes_f_linear(dtype):
 
 @pytest.mark.skipif(not quant.mkldnn_linear(), reason="this torch build has no oneDNN linear")
 @torch.inference_mode()
-def test_batch_layout_packs_every_matrix_and_keeps_the_logits(tiny_model_dir):
-    """load_model(batch=8) on the CPU prepacks every linear layer and the (tied) head for oneDNN, and a batch
-    forward gives what the batch-1 layout (plain (in, out) storage, exact against HF in test_model) gives."""
-    gemv, packed = load_model(tiny_model_dir), load_model(tiny_model_dir, batch=8)
+def test_packed_layout_covers_every_matrix_and_keeps_the_logits(tiny_model_dir):
+    """On the CPU a float32 model loaded for batches (batch=8), or for batch 1 with several threads, has every
+    linear layer and the (tied) head prepacked for oneDNN; loaded for batch 1 on one thread it keeps plain (in, out)
+    storage for MKL's GEMV. A batch forward in the packed layout gives what the GEMV layout gives."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gemv, packed = load_model(tiny_model_dir), load_model(tiny_model_dir, batch=8)
+        torch.set_num_threads(2)
+        packed_one = load_model(tiny_model_dir)
+    finally:
+        torch.set_num_threads(threads)
     assert not any(isinstance(m, quant.MkldnnLinear) for m in gemv.modules())
-    linears = [m for m in packed.modules() if isinstance(m, (torch.nn.Linear, quant.MkldnnLinear))]
-    assert linears and all(isinstance(m, quant.MkldnnLinear) for m in linears)
-    assert isinstance(packed.lm_head, quant.MkldnnLinear)  # the tiny model's head is tied: its own packed copy
+    for model in (packed, packed_one):
+        linears = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, quant.MkldnnLinear))]
+        assert linears and all(isinstance(m, quant.MkldnnLinear) for m in linears)
+        assert isinstance(model.lm_head, quant.MkldnnLinear)  # the tiny model's head is tied: its own packed copy
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 97, (n,), generator=g) for n in (5, 12)]
     gemv_caches, packed_caches = [full_caches(gemv, 32) for _ in prompts], [full_caches(packed, 32) for _ in prompts]
@@ -168,7 +189,7 @@ def write_q4_1_checkpoint(path):
 @torch.inference_mode()
 def test_int4_from_q4_1_blocks_is_the_checkpoint_itself(tmp_path):
     tensors = write_q4_1_checkpoint(tmp_path)
-    ref = load_model(tmp_path)
+    ref = plain_float32(tmp_path)
     assert quantize_model(ref, "int4", tmp_path, torch.float32, reference=True) == "q4_1 blocks"
     fused = torch.cat([tensors[f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"])  # rows q | k | v
     assert torch.equal(ref.layers[1].attn.wqkv.weight, fused)

@@ -9,10 +9,11 @@ Method (also written beside the results):
 - Throughput: for each batch size B, B prompts run together through `BatchRunner` (each prefilled alone, then
   decoded in one forward per step); decode tok/s counts every sequence's tokens out of decode steps over the
   decode time. Median over --repeats after one warm-up run; full and auto (budget 0.7) alternate.
-- Weights layout (`load_model(batch=...)`, `cpu_layout`): batches run with the matrices prepacked for oneDNN
-  ("packed"), batch 1 with the (in, out) storage its GEMV reads fastest ("gemv", what a batch-1 run loads); the
-  "x batch 1" column divides by batch 1 in that layout. --layout-ab adds batch 1 packed and batch 8 gemv, so each
-  layout is seen at both sizes.
+- Weights layout (`load_model(batch=...)`, `cpu_layout`): each batch size runs the model as the command line
+  loads it for that batch ("packed": prepacked for oneDNN, for one row at batch 1, for the largest batch otherwise;
+  with one thread a batch-1 load keeps the "gemv" layout instead); the "x batch 1" column divides by that batch 1.
+  --layout-ab adds batch 1 and batch 8 in the GEMV layout ((in, out) storage for MKL, loaded on one thread), so
+  the layouts are seen side by side.
 - Under a cap: --cap-prompts prompts with batch up to --cap-prompts and --kv-budget-mb set to what
   N full caches need, for each N in --cap-full (the runner's projection: a full cache of the final length); how many sequences
   each policy runs at once, its decode throughput and its peak physical KV bytes (storage of the caches' tensors,
@@ -55,28 +56,31 @@ def main():
     p.add_argument("--cap-prompts", type=int, default=16)
     p.add_argument("--cap-full", default="4,8", help="caps that hold this many full caches (comma-separated)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--layout-ab", type=int, default=1, help="also run batch 1 packed and batch 8 gemv (0: do not)")
+    p.add_argument("--layout-ab", type=int, default=1, help="also run batch 1 and 8 in the GEMV layout (0: do not)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     batches = [int(x) for x in a.batches.split(",")]
-    models = {"gemv": load_model(a.model, batch=1), "packed": load_model(a.model, batch=max(batches + [2]))}
-    model = models["packed"]
-    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    rows = [(1, "gemv")] + [(B, "packed") for B in batches if B != 1]  # batch 1 is every ratio's base
+    first = "packed" if a.threads > 1 else "gemv"  # the layout load_model(batch=1) picks (cpu_layout)
+    model = load_model(a.model, batch=max(batches))
+    rows = [(1, load_model(a.model, batch=1), first)] + [(B, model, "packed") for B in batches if B != 1]
     if a.layout_ab:
-        rows += [(1, "packed"), (8, "gemv")]
-    n = max(batches + [a.cap_prompts])
+        torch.set_num_threads(1)  # a batch-1 load on one thread keeps the GEMV layout
+        gemv = load_model(a.model, batch=1)
+        torch.set_num_threads(a.threads)
+        rows += [(B, gemv, "gemv") for B in (1, 8) if (B, "gemv") != (1, first)]
+    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    n = max([B for B, *_ in rows] + [a.cap_prompts])
     book = prompt_ids(tok, a.prompt * n)
     prompts = [book[i * a.prompt : (i + 1) * a.prompt] for i in range(n)]
 
     table = []
-    for B, layout in rows:
+    for B, weights, layout in rows:
         rates = {name: [] for name in METHODS}
         peaks = {}
         for i in range(a.repeats + 1):
             for name, cfg in METHODS.items():
-                stats = run(models[layout], tok, cfg, prompts[:B], B, a.new)
+                stats = run(weights, tok, cfg, prompts[:B], B, a.new)
                 if i:  # the first round is warm-up
                     rates[name].append(stats.decode_tokens_per_second)
                 peaks[name] = (stats.peak_kv_bytes, stats.peak_kv_bytes_full)
@@ -94,11 +98,11 @@ def main():
             print(f"cap {cap / 2**20:.2f} MiB {name}: {stats.max_running} running, "
                   f"{stats.decode_tokens_per_second:.1f} tok/s", flush=True)
 
-    base = {name: next(r for b, lay, m, r, *_ in table if m == name and b == 1 and lay == "gemv") for name in METHODS}
+    base = {name: next(r for b, lay, m, r, *_ in table if m == name and b == 1 and lay == first) for name in METHODS}
     lines = ["# Batches on the CPU: throughput and KV bytes", "", *[f"- {x}" for x in machine_lines()],
              f"- settings: {a.prompt}-token prompts, {a.new} new tokens each, float32, greedy, EOS ignored, "
              f"{a.threads} threads; median of {a.repeats} after one warm-up", "",
-             "| batch | weights | method | decode tok/s (all sequences) | x batch 1 (gemv) | peak KV MiB | "
+             f"| batch | weights | method | decode tok/s (all sequences) | x batch 1 ({first}) | peak KV MiB | "
              "full caches would hold MiB |", "| ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for B, layout, name, rate, peak, full in table:
         lines.append(f"| {B} | {layout} | {name} | {rate:.1f} | {rate / base[name]:.2f} | {peak / 2**20:.2f} | "

@@ -220,7 +220,9 @@ def test_cli_quantized_generation_with_fastgen(chat_model, tmp_path):
             "--max-new-tokens", 6, "--ignore-eos", "--stats-json", out)  # --policy auto is the default
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
-    assert stats["generated_tokens"] == 6 and stats["quantize"] == "int4" and 0 < stats["kept_fraction"] <= 1
+    assert stats["generated_tokens"] == 6 and stats["quantize"] == "int4"
+    # the budget profile compresses as it does in float32: about 0.7 of a short prompt's tokens (coarse ceilings)
+    assert abs(stats["kept_fraction"] - 0.7) <= 0.05 and stats["kv_bytes_kept"] < stats["kv_bytes_full"]
 
 
 def test_cli_bad_quantize_inputs(chat_model, tmp_path):

@@ -244,7 +244,7 @@ def cpu_layout(model: nn.Module, rows: int = 1) -> None:
     (x @ embed.T) hand MKL's GEMV a contiguous W^T (a decode step took 23% less time here than over (out, in); the
     lookup only gathers). Anything else, and bfloat16 (where oneDNN has bfloat16 kernels): every linear layer and
     the head prepacked for oneDNN (`MkldnnLinear`), whose kernels use both cores where MKL's GEMV did not (batch-1
-    decode 1.13x, prefill 1.2-1.4x the GEMV layout's speed with 2 threads, 0.81x decode with 1) and whose 8-row
+    decode 1.13x, prefill 1.2-1.3x the GEMV layout's speed with 2 threads, 0.83x decode with 1) and whose 8-row
     products take 2.5x less time than MKL's. A tied head gets its own packed copy (+dim x vocab x itemsize bytes),
     the embedding stays for lookups."""
     w = model.embed.weight

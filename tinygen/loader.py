@@ -100,6 +100,8 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
     model_dir = Path(model_dir)
     if dtype not in DTYPES:
         raise TinygenError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    if batch < 1:
+        raise TinygenError(f"batch must be at least 1, not {batch}")
     dev = resolve_device(device)
     if quantize is not None:
         check_mode(quantize, dev)

@@ -21,7 +21,7 @@ def log(msg: str):
 
 
 def encode_prompts(tok, prompts: list[dict]) -> list[dict]:
-    return [dict(p, ids=tok.encode(tok.render_chat([{"role": "user", "content": p["prompt"]}]))) for p in prompts]
+    return [dict(p, ids=tok.encode_prompt(p["prompt"])) for p in prompts]
 
 
 def run_methods(model, tok, prompts: list[dict], methods: list[Method], max_new_tokens: int, run_free: bool = False,

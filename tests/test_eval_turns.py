@@ -2,12 +2,11 @@
 cache), teacher forcing along it, per-turn records and summaries, and the command line, on a tiny random model with
 the default tokenizer."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, save_tiny_chat_model
+from conftest import assert_one_line_error, save_tiny_chat_model
+from test_eval import run_eval
 
 from tinygen.conversation import Conversation
 from tinygen.errors import TinygenError
@@ -63,11 +62,17 @@ def stop_at_third_token(model, tok):
     return EosTok(tok, {first[2]})
 
 
-@pytest.mark.parametrize("stop", ["length", "eos"])
-def test_second_turn_equals_a_from_scratch_run_on_the_whole_conversation(chat, stop):
+def two_turns(chat, stop):
+    """The reference conversation of QUESTIONS, 6 new tokens a turn, its first answer ending at the length limit
+    or at an EOS (the third token): (model, tokenizer, reference)."""
     model, tok = chat
     tok = stop_at_third_token(model, tok) if stop == "eos" else tok
-    ref = reference_conversation(model, tok, QUESTIONS, 6)
+    return model, tok, reference_conversation(model, tok, QUESTIONS, 6)
+
+
+@pytest.mark.parametrize("stop", ["length", "eos"])
+def test_second_turn_equals_a_from_scratch_run_on_the_whole_conversation(chat, stop):
+    model, tok, ref = two_turns(chat, stop)
     t1, t2 = ref.turns
     assert t1.stop == stop and len(t1.targets) == (3 if stop == "eos" else 6)
     assert t1.answer == (t1.targets[:-1] if stop == "eos" else t1.targets)
@@ -86,9 +91,7 @@ def test_second_turn_equals_a_from_scratch_run_on_the_whole_conversation(chat, s
 
 @pytest.mark.parametrize("stop", ["length", "eos"])
 def test_teacher_forcing_walks_the_conversation_with_one_chunk_per_turn(chat, stop):
-    model, tok = chat
-    tok = stop_at_third_token(model, tok) if stop == "eos" else tok
-    ref = reference_conversation(model, tok, QUESTIONS, 6)
+    model, tok, ref = two_turns(chat, stop)
     t1, t2 = ref.turns
     spy, kinds_fed = Spy(model), []
     caches, _ = build_caches(model, tok, Method("full"), len(ref.ids))
@@ -192,11 +195,6 @@ def test_conversation_files(tmp_path):
     f.write_text('{"turns": ["a", " "]}\n')
     with pytest.raises(TinygenError, match="line 1: each of the first 2 turns must be a non-empty string"):
         load_conversations(str(f), 2)
-
-
-def run_eval(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "tinygen.eval", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
 
 
 def test_bad_flags_are_one_line(tmp_path):

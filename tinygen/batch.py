@@ -7,11 +7,11 @@ all B tokens, and each sequence's caches attend over what they keep. A new promp
 the batch when its projected KV bytes fit under the cap; a sequence that finishes (EOS, its token limit, the
 context) leaves at once and its caches are freed, which makes room for the next prompt.
 
-The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time
-(the full cache: its final length, the most its caches are sized for; FastGen: what its budget keeps of the final
-length plus the row a step writes before it evicts, and a store's positions, flags, scores and bitmaps), for the full cache and for
-FastGen alike. With the budget profile a head keeps its menu share of the length (`kept_share`); the paper's profile
-and fixed policies that protect special/punctuation tokens project a full cache.
+The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time,
+for the full cache and for FastGen alike (the full cache: its final length, the most its caches are sized for;
+FastGen: what its budget keeps of the final length plus the row a step writes before it evicts, and a store's
+positions, flags, scores and bitmaps). With the budget profile a head keeps its menu share of the length
+(`kept_share`); the paper's profile and fixed policies that protect special/punctuation tokens project a full cache.
 """
 from __future__ import annotations
 

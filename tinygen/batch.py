@@ -24,6 +24,7 @@ import torch
 
 from .cache import full_kv_bytes, kept_fraction
 from .fastgen.cache import make_caches
+from .fastgen.pool import FastGenBatch
 from .errors import TinygenError
 from .fastgen.policy import FREQUENT, LOCAL, FastGenConfig, protected_kinds
 from .generate import prefill
@@ -118,6 +119,9 @@ class BatchRunner:
         self.on_progress, self.check_every = on_progress, check_every
         assert batch >= 1, "a batch holds at least one sequence"
         self.device = model.embed.weight.device
+        # FastGen's decode steps run on pools: per layer, the stores of every running sequence (tinygen/fastgen/pool.py)
+        c = model.cfg
+        self.pools = None if cfg.policy == "full" else [FastGenBatch(c.n_heads, c.n_kv_heads) for _ in range(c.n_layers)]
 
     def projected(self, prompt_tokens: int) -> tuple[int, int]:
         return projected_bytes(self.model, self.cfg, prompt_tokens, self.max_new_tokens)
@@ -149,20 +153,38 @@ class BatchRunner:
         elif seq.pos >= self.model.cfg.max_seq_len:
             seq.stop_reason = "context"
 
+    def fits(self, running: list[Sequence], new: Sequence) -> bool:
+        """Whether `new` may join under the cap: while it prefills beside the running sequences, and after.
+        FastGen's pools pad every pair to the longest (pool.py), so there each sequence counts as the largest."""
+        if self.cap is None:
+            return True
+        if self.pools is None:
+            return sum(s.projected for s in running) + new.projected_prefill <= self.cap
+        largest = max((s.projected for s in running), default=0)
+        return (len(running) * largest + new.projected_prefill <= self.cap and
+                (len(running) + 1) * max(largest, new.projected) <= self.cap)
+
+    def _repool(self, running: list[Sequence]) -> None:
+        """FastGen: rebuild every layer's pools for the running sequences (after some joined or left)."""
+        for i, layer in enumerate(self.pools or []):
+            layer.update([s.caches[i] for s in running])
+
     def _step(self, running: list[Sequence]) -> list[int]:
         """One decode step for every running sequence: (B, 1) tokens in one forward, one host sync for the ids."""
         for seq in running:
             if seq.on_tokens:
                 seq.on_tokens([seq.token])
         tokens = torch.tensor([[s.token] for s in running], dtype=torch.long, device=self.device)  # (B, 1)
-        logits = self.model(tokens, [s.caches for s in running], [s.pos for s in running])[:, 0]  # (B, vocab)
+        caches = self.pools or [s.caches for s in running]  # FastGen: per layer, one pooled object for the batch
+        logits = self.model(tokens, caches, [s.pos for s in running])[:, 0]  # (B, vocab)
         if self.sampling.temperature <= 0:
             return logits.argmax(dim=-1).tolist()  # reading the sampled tokens: the step's one host sync
         return torch.cat([sample(row, self.sampling, s.generator) for row, s in zip(logits, running)]).tolist()
 
     def _measure(self, running: list[Sequence], stats: BatchStats) -> None:
         c = self.model.cfg
-        held = sum(cache.nbytes() for s in running for cache in s.caches)
+        held = sum(cache.nbytes() for s in running for cache in s.caches)  # pooled stores count in their pools
+        held += sum(layer.nbytes() for layer in self.pools or [])
         full = sum(full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, s.pos, self.model.embed.weight.dtype)
                    for s in running)
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, held)
@@ -177,6 +199,9 @@ class BatchRunner:
         t_start, steps = time.perf_counter(), 0
 
         def finish(seq):
+            if self.pools is not None and seq.caches and seq.caches[0].stores and seq.caches[0].stores[0].pool:
+                for layer, cache in zip(self.pools, seq.caches):
+                    layer.release(cache)  # its own rows back: the caches read as after a batch-1 run
             seq.kept_fraction = kept_fraction(seq.caches)
             seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
             seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
@@ -189,8 +214,8 @@ class BatchRunner:
                 raise TinygenError(f"prompt {waiting[-1].index} needs {waiting[-1].projected_prefill / 2**20:.2f} MiB "
                                    f"of KV cache, more than the cap of {self.cap / 2**20:.2f} MiB")
             # Admit in input order while there is a slot and the projected bytes fit under the cap.
-            while waiting and len(running) < self.batch and (
-                    self.cap is None or sum(s.projected for s in running) + waiting[-1].projected_prefill <= self.cap):
+            joined = False
+            while waiting and len(running) < self.batch and self.fits(running, waiting[-1]):
                 seq = waiting.pop()
                 t0 = time.perf_counter()
                 self._start(seq, running, stats)
@@ -201,20 +226,30 @@ class BatchRunner:
                 if seq.stop_reason:
                     running.remove(seq)
                     finish(seq)
+                else:
+                    joined = True
             if not running:
                 continue  # everything admitted so far finished at its prefill: admit more
             t0 = time.perf_counter()
+            if joined:
+                self._repool(running)
             ids = self._step(running)
             stats.decode_seconds += time.perf_counter() - t0
             stats.decode_tokens += len(running)
             steps += 1
             if steps % self.check_every == 0:
                 self._measure(running, stats)
+            left = False
             for seq, token in zip(list(running), ids):
                 self._take(seq, token)
                 if seq.stop_reason:
                     running.remove(seq)
                     finish(seq)
+                    left = True
+            if left:  # a finished sequence's rows leave the pools now, before the next prompt is admitted
+                t0 = time.perf_counter()
+                self._repool(running)
+                stats.decode_seconds += time.perf_counter() - t0
             if self.on_progress:
                 self.on_progress(stats, len(running), len(waiting))
         stats.seconds = time.perf_counter() - t_start

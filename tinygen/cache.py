@@ -35,6 +35,18 @@ class KVCache(Protocol):
         """Tokens held, summed over the layer's KV heads (length x n_kv_heads for a full cache)."""
 
 
+class BatchKVCache(Protocol):
+    """One layer's caches of a batch of sequences that attend as one (FastGen's pooled decode step,
+    tinygen/fastgen/pool.py). The model takes one per layer in place of a list of per-sequence caches."""
+
+    def __len__(self) -> int:
+        """Sequences in the batch."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """KVCache.attend with the batch as the leading dimension: q (B, n_heads, T, head_dim), k, v
+        (B, n_kv_heads, T, head_dim) -> (B, n_heads, T, head_dim)."""
+
+
 def storage_bytes(*tensors: torch.Tensor) -> int:
     """Bytes of the distinct storages behind the given tensors."""
     seen, total = set(), 0

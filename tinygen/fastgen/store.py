@@ -59,6 +59,7 @@ class PolicyStore:
         self.bitmap = torch.zeros(heads, (max_len + 7) // 8, dtype=torch.uint8, device=device)
         self._set_bits(positions.long())
         self.free = torch.zeros(heads, dtype=torch.long, device=device)  # each head's freed row, when self.hole
+        self.pool = None  # during a batch's decode steps, the StorePool holding the rows (tinygen/fastgen/pool.py)
 
     def _set_bits(self, positions: torch.Tensor):
         """positions: (heads, n) -> set those bits, per head (packing a bool mask: several may share a byte)."""
@@ -236,8 +237,9 @@ class PolicyStore:
         self.kept = target
 
     def resident_mask(self, length: int) -> torch.Tensor:
-        """(heads, length) bool from the bitmaps (for tests and the dense reference)."""
-        bits = (self.bitmap[:, :, None] >> torch.arange(8, device=self.bitmap.device, dtype=torch.uint8)) & 1
+        """(heads, length) bool from the bitmaps (for tests and the dense reference), pooled or not."""
+        bitmap = self.rows()["bitmap"]
+        bits = (bitmap[:, :, None] >> torch.arange(8, device=bitmap.device, dtype=torch.uint8)) & 1
         return bits.flatten(1)[:, :length].bool()
 
     def row_tensors(self):
@@ -245,7 +247,15 @@ class PolicyStore:
         return [t for t in (self.k, self.v, self.pos, self.prot, self.score) if t is not None]
 
     def tensors(self):
-        return self.row_tensors() + [self.bitmap, self.free]
+        """Every tensor the store owns (none while a batch's pool holds its rows)."""
+        return [t for t in self.row_tensors() + [self.bitmap, self.free] if t is not None]
+
+    def rows(self) -> dict:
+        """Its per-row tensors, bitmap and freed rows by name: its own, or views of the pool it is in."""
+        if self.pool is not None:
+            return self.pool.slice_of(self)
+        return dict(k=self.k, v=self.v, pos=self.pos, prot=self.prot, score=self.score, bitmap=self.bitmap,
+                    free=self.free)
 
 
 class LayerRows:

@@ -1,0 +1,119 @@
+"""FastGen's pooled decode step (tinygen/fastgen/pool.py) on synthetic tensors: sequences of different lengths and
+policies join and leave a batch whose stores of the same policy share one pool; every step must give each sequence
+what its stores give it alone, and what dense attention over exactly the tokens each pair holds gives."""
+import itertools
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import tinygen.fastgen.cache as fg_cache
+from tinygen.attention import dense_attention
+from tinygen.fastgen.cache import FastGenCache
+from tinygen.fastgen.kinds import TokenKinds
+from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
+from tinygen.fastgen.pool import FastGenBatch
+
+N_HEADS, N_KV, HD = 8, 4, 8
+VOCAB = [SPECIAL if i < 3 else PUNCT if i < 10 else 0 for i in range(50)]  # ids 0-2 special, 3-9 punctuation
+SP, SPF, SPFL = SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PUNCT | FREQUENT | LOCAL
+MAX_LEN = 120
+# (prompt length, step it joins the batch, step it leaves (None: runs to the end)): different lengths, a late join
+# that makes the pools rebuild from pooled and fresh stores, an early leave that gives a store its rows back.
+SEQS = [(12, 0, 30), (31, 0, None), (20, 5, None), (25, 12, 50)]
+STEPS = 70
+
+
+class Sequence:
+    """One sequence twice: caches that step alone (batch-1 code) and caches that step in the pools, with the same
+    prompt, kinds and new tokens, and its dense K/V history."""
+
+    def __init__(self, L0, cfg, g, dev):
+        self.ids = torch.randint(0, 50, (MAX_LEN,), generator=g).tolist()
+        self.K, self.V = torch.randn(2, N_KV, MAX_LEN, HD, generator=g).to(dev)
+        q = torch.randn(N_HEADS, L0, HD, generator=g).to(dev)
+        self.alone, self.pooled = [self.cache(cfg, dev) for _ in range(2)]
+        for c in (self.alone, self.pooled):
+            c.kinds.append(self.ids[:L0])
+            c.attend(q, self.K[:, :L0], self.V[:, :L0])
+        assert self.alone.policies == self.pooled.policies
+
+    @staticmethod
+    def cache(cfg, dev):
+        return FastGenCache(N_HEADS, N_KV, HD, MAX_LEN, TokenKinds(VOCAB, MAX_LEN, torch.device(dev)), cfg)
+
+    def resident(self, cache):
+        mask = torch.zeros(N_KV, cache.length, dtype=torch.bool, device=self.K.device)
+        for s in cache.stores:
+            mask[s.kv_index] = s.resident_mask(cache.length)
+        return mask
+
+
+SCENARIOS = {
+    # paper profile, each sequence its own mix: pools hold different heads of different sequences
+    "paper-mixed": (FastGenConfig(profile="paper", local_ratio=0.2, frequent_ratio=0.25, growth_block=4),
+                    [[SPECIAL, SP, SPF, SPFL], [FULL, SPFL, SP, LOCAL], [FREQUENT, LOCAL | FREQUENT, SPF, SPECIAL],
+                     [SPFL, SPFL, FREQUENT, FULL]]),
+    # one fixed policy: one pool, every head of every sequence in order
+    "local+frequent": (FastGenConfig("local+frequent", local_ratio=0.15, frequent_ratio=0.3, growth_block=4), None),
+    "budget": (FastGenConfig(kv_budget=0.5, observation=8, growth_block=4), None),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_pooled_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
+    cfg, mixes = SCENARIOS[scenario]
+    if mixes is not None:
+        forced = itertools.chain.from_iterable([m, m] for m in mixes)  # alone and pooled twins, in order
+        monkeypatch.setattr(fg_cache, "choose_policies", lambda rec, threshold: list(next(forced)))
+    g = torch.Generator().manual_seed(len(scenario))
+    seqs = [Sequence(L0, cfg, g, device) for L0, _, _ in SEQS]
+    batch, running, rebuilt = FastGenBatch(N_HEADS, N_KV), [], 0
+    for step in range(STEPS):
+        joined = [s for s, (_, at, _) in zip(seqs, SEQS) if at == step]
+        leaving = [s for s, (_, _, end) in zip(seqs, SEQS) if end == step]
+        for s in leaving:
+            batch.release(s.pooled)
+            assert all(st.pool is None and st.k is not None for st in s.pooled.stores)
+            running.remove(s)
+        running += joined
+        if joined or leaving:
+            batch.update([s.pooled for s in running])
+            rebuilt += 1
+        masks = [s.resident(s.pooled) for s in running]  # what each pair holds before the step
+        q = torch.randn(len(running), N_HEADS, 1, HD, generator=g).to(device)
+        n = [s.pooled.length for s in running]
+        k = torch.stack([s.K[:, i : i + 1] for s, i in zip(running, n)])  # (B, n_kv_heads, 1, head_dim)
+        v = torch.stack([s.V[:, i : i + 1] for s, i in zip(running, n)])
+        for s, i in zip(running, n):
+            for c in (s.alone, s.pooled):
+                c.kinds.append([s.ids[i]])
+        out = batch.attend(q, k, v)  # (B, n_heads, 1, head_dim)
+        for b, (s, i, before) in enumerate(zip(running, n, masks)):
+            want = s.alone.attend(q[b], k[b], v[b])
+            torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
+            visible = torch.cat([before, torch.ones(N_KV, 1, dtype=torch.bool, device=device)], dim=1)
+            dense, _ = dense_attention(q[b], s.K[:, : i + 1], s.V[:, : i + 1],
+                                       visible.repeat_interleave(N_HEADS // N_KV, dim=0)[:, None])
+            torch.testing.assert_close(out[b], dense, atol=1e-5, rtol=1e-5)
+            assert torch.equal(s.resident(s.pooled), s.resident(s.alone)), (scenario, step, b)
+            assert [x.kept for x in s.pooled.stores] == [x.kept for x in s.alone.stores]
+        for pool in batch.pools:  # padded to the longest pair, but never past what its longest member may need
+            assert pool.k.shape[1] <= max(st.most_rows for st in pool.stores)
+            assert pool.k.shape[0] == sum(st.kv_index.numel() for st in pool.stores)
+    assert rebuilt == 5 and len(running) == 2
+    for s in running:
+        batch.release(s.pooled)
+    for s in seqs:  # every store got its rows back, as its twin holds them
+        assert s.alone.kept_tokens() < s.alone.length * N_KV  # the caches evicted along the way
+        for a, p in zip(s.alone.stores, s.pooled.stores):
+            assert p.kept == a.kept and p.hole == a.hole and torch.equal(p.bitmap, a.bitmap)
+            rows = list(range(a.kept + 1 if a.hole else a.kept))
+            torch.testing.assert_close(p.k[:, rows], a.k[:, rows])
+            assert torch.equal(p.pos[:, rows], a.pos[:, rows])
+            if a.hole:
+                assert torch.equal(p.free, a.free)
+            assert p.k.shape[1] <= max(a.kept + 1, a.kept + p.block_rows(a.kept))
+    batch.update([])
+    assert batch.nbytes() == 0

@@ -1,0 +1,206 @@
+"""A batch's FastGen decode step: the stores of one (policy, ratios) in one layer, pooled across sequences.
+
+At batch 1 a layer's decode step is a few dozen small PyTorch ops per `PolicyStore` (write, attend, evict). Run per
+sequence, a batch of B pays that B times per layer, which costs more than the smaller cache saves on a CPU. Here the
+stores of every running sequence that share a policy and ratios live in one pool: rows of (sequence, KV head)
+pairs, padded to the longest pair, so one step of the same ops serves the whole batch.
+
+A pair's rows are exactly its store's rows; the pool adds per-pair lengths. Attention masks each pair's rows beyond
+its own `kept + 1`; the new token goes to each pair's own row (`kept`, or the row its last eviction freed); budgets,
+evictions and bitmaps are per pair as at batch 1, each sequence's budget from its own length and token kinds (host
+arithmetic, so the step needs no host sync). The stores keep their host state (kept, hole, kinds) and get their
+rows back when their sequence leaves the batch (`FastGenBatch.release`), so a finished sequence's caches read as
+after a batch-1 run. Padding costs memory: a pool holds every pair at the longest pair's capacity, which batch.py's
+admission counts.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from ..attention import compute_dtype
+from ..cache import storage_bytes
+from .policy import FREQUENT, LOCAL, window
+from .store import PolicyStore
+
+ROW_FIELDS = ("k", "v", "pos", "prot", "score")  # per-row tensors, (pairs, capacity, ...)
+FILL = {"pos": -1}  # what padding rows hold (0 elsewhere)
+
+
+class StorePool:
+    def __init__(self, members: list[tuple[int, PolicyStore]], n_heads: int, n_kv_heads: int):
+        """members: (sequence index in the batch, that sequence's store of this option), the store's rows either
+        its own or a slice of the pool it was in (when the batch changes, pools are rebuilt from both)."""
+        self.batch_index = [b for b, _ in members]
+        self.stores = [s for _, s in members]
+        first = self.stores[0]
+        self.policy, self.cfg, self.groups = first.policy, first.cfg, first.groups
+        self.heads = [s.kv_index.numel() for s in self.stores]
+        device = first.kv_index.device
+        self.kv_index = torch.cat([b * n_kv_heads + s.kv_index for b, s in members])  # (P,) into (B*n_kv_heads)
+        self.q_index = torch.cat([b * n_heads + s.q_index for b, s in members])  # (P*groups,) into (B*n_heads)
+        self.pair = torch.arange(self.kv_index.numel(), device=device)
+        self.most_rows = max(s.most_rows for s in self.stores)
+        sources = [s.rows() for s in self.stores]  # each {field: (heads, capacity, ...)} plus bitmap and free
+        cap = max(src["k"].shape[1] for src in sources)
+        for name in ROW_FIELDS + ("bitmap",):
+            if sources[0][name] is None:
+                setattr(self, name, None)
+                continue
+            # Rows [0, kept + 1) hold data (the freed row is among them); the rest stay zero, so that masked rows
+            # never feed attention a NaN from uninitialized memory.
+            parts = [src[name] if name == "bitmap" else src[name][:, : s.kept + 1]
+                     for src, s in zip(sources, self.stores)]
+            width = max(p.shape[1] for p in parts) if name == "bitmap" else cap
+            t = parts[0].new_full((len(self.pair), width) + tuple(parts[0].shape[2:]), FILL.get(name, 0))
+            p0 = 0
+            for p in parts:
+                t[p0 : p0 + p.shape[0], : p.shape[1]] = p
+                p0 += p.shape[0]
+            setattr(self, name, t)
+        self.free = torch.cat([src["free"] for src in sources])  # (P,) each pair's freed row, when its store's hole
+        for i, s in enumerate(self.stores):
+            s.pool, s.pool_pairs = self, slice(sum(self.heads[:i]), sum(self.heads[: i + 1]))
+            s.k = s.v = s.pos = s.prot = s.score = s.bitmap = s.free = None  # the pool holds the rows now
+
+    def slice_of(self, store: PolicyStore) -> dict:
+        """A member's rows, as views of the pool: its pairs, its bitmap width."""
+        p = store.pool_pairs
+        rows = {name: None if getattr(self, name) is None else getattr(self, name)[p] for name in ROW_FIELDS}
+        rows["bitmap"] = self.bitmap[p, : (store.max_len + 7) // 8]
+        rows["free"] = self.free[p]
+        return rows
+
+    def _grow(self, rows: int):
+        """Room for `rows` rows plus one block, as a store grows, never past the longest member's need."""
+        cap = max(rows, min(self.most_rows, rows - 1 + self.stores[0].block_rows(rows - 1)))
+        n = self.k.shape[1]
+        for name in ROW_FIELDS:
+            t = getattr(self, name)
+            if t is not None:
+                new = t.new_full((t.shape[0], cap) + tuple(t.shape[2:]), FILL.get(name, 0))
+                new[:, :n] = t
+                setattr(self, name, new)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """One step for every pair: store each sequence's new token (position lengths[i]-1 of member i), attend,
+        keep or evict per pair. q: (B*n_heads, 1, head_dim), k/v: (B*n_kv_heads, 1, head_dim), flattened over the
+        batch -> (P*groups, 1, head_dim) for q_index."""
+        stores, device = self.stores, self.kv_index.device
+        rows = [s.kept + 1 for s in stores]  # each member's rows this step, the new token's included
+        R = max(rows)
+        if R > self.k.shape[1]:
+            self._grow(R)
+        targets = [min(r, s._budget(n)) for r, s, n in zip(rows, stores, lengths)]
+        evict = [r - t for r, t in zip(rows, targets)]
+        assert set(evict) <= {0, 1}, f"policy {self.policy}: more than one eviction in one step"
+        keeps_new = [t == r or bool(self.policy & (FREQUENT | LOCAL)) for r, t in zip(rows, targets)]
+        # Per member, host-known: rows, the new position, its protected flag, whether it writes into a freed row,
+        # the bit it sets, whether it evicts, where its local window starts. One small tensor per step.
+        table = torch.tensor([[r, n - 1, bool(s.kinds.kinds[n - 1] & s.protect), s.hole,
+                               (1 << (n - 1) % 8) if keep else 0, e, n - window(self.policy, n, self.cfg), n]
+                              for r, s, n, keep, e in zip(rows, stores, lengths, keeps_new, evict)], dtype=torch.long)
+        table = table.to(device).repeat_interleave(torch.tensor(self.heads, device=device), dim=0,
+                                                   output_size=len(self.pair))  # (P, 8)
+        n_rows, new_pos, protected, hole, bit, evicts, win_start, length = table.unbind(1)
+
+        # 1. The new token into each pair's row: `kept`, or the row its last eviction freed.
+        at = (self.pair, torch.where(hole.bool(), self.free, n_rows - 1))
+        self.k[at] = k[self.kv_index, 0]
+        self.v[at] = v[self.kv_index, 0]
+        self.pos[at] = new_pos.to(self.pos.dtype)
+        self.prot[at] = protected.bool()
+        if self.score is not None:
+            self.score[at] = 0.0
+
+        # 2. Attention over each pair's rows [0, kept + 1), the rest masked; the `frequent` scores.
+        P, _, head_dim = self.k.shape
+        dt = compute_dtype(self.k)
+        qs = q[self.q_index].view(P, self.groups, head_dim).to(dt)
+        scores = (qs * head_dim**-0.5) @ self.k[:, :R].to(dt).transpose(1, 2)  # (P, groups, R)
+        beyond = torch.arange(R, device=device) >= n_rows[:, None]  # (P, R) rows past each pair's own
+        if min(rows) < R:
+            scores.masked_fill_(beyond[:, None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)
+        out = (probs.to(dt) @ self.v[:, :R].to(dt)).to(q.dtype).view(P * self.groups, 1, head_dim)
+        if self.score is not None:
+            self.score[:, :R] += probs.mean(dim=1)
+
+        # 3. Keep the new token (its bit) or, where the budget says so, evict one row per pair.
+        self.bitmap[self.pair, new_pos // 8] |= bit.to(torch.uint8)
+        if any(evict):
+            pos = self.pos[:, :R]
+            must = self.prot[:, :R] | beyond | (pos >= win_start[:, None])
+            key = self.score[:, :R] / (length[:, None] - pos) if self.score is not None else pos.float()
+            victim = key.masked_fill(must, float("inf")).argmin(dim=1)  # (P,)
+            gone = pos[self.pair, victim].long().clamp(min=0)
+            keep_mask = torch.where(evicts.bool(), ~(1 << gone % 8), -1).to(torch.uint8)
+            self.bitmap[self.pair, gone // 8] &= keep_mask
+            self.free = torch.where(evicts.bool(), victim, self.free)
+        for s, t, e in zip(stores, targets, evict):  # special/punct-only stores drop the new token: no freed row
+            s.kept, s.hole = t, bool(e) and (bool(self.policy & (FREQUENT | LOCAL)) or s.hole)
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]
+
+
+class FastGenBatch:
+    """One layer's FastGen caches of the running sequences, attending as one: `attend(q, k, v)` with the batch as
+    the leading dimension, each store pooled with the other sequences' stores of the same policy and ratios.
+
+    `update(caches)` (the running sequences' caches of this layer, in batch order) rebuilds the pools when the
+    batch changes; `release(cache)` gives a leaving sequence's stores their own rows back."""
+
+    def __init__(self, n_heads: int, n_kv_heads: int):
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.caches: list = []
+        self.pools: list[StorePool] = []
+        self.in_order = False  # one pool holding every head of every sequence in order: no gather of the output
+
+    def update(self, caches: list) -> None:
+        options = defaultdict(list)  # (policy, ratios) -> [(sequence, store)]
+        for b, cache in enumerate(caches):
+            assert cache.pending is None, "a sequence joins the batch after its prefill compressed its caches"
+            for s in cache.stores:
+                options[(s.policy, s.cfg.local_ratio, s.cfg.frequent_ratio)].append((b, s))
+        self.caches = list(caches)
+        self.pools = [StorePool(members, self.n_heads, self.n_kv_heads) for _, members in sorted(options.items())]
+        self.in_order = len(self.pools) == 1 and all(s.all_heads for s in self.pools[0].stores)
+
+    def release(self, cache) -> None:
+        """Copy a sequence's rows out of the pools into its own stores (trimmed to what they hold plus a block)."""
+        for s in cache.stores:
+            rows = s.pool.slice_of(s)
+            cap = min(rows["k"].shape[1], max(s.kept + 1, min(s.most_rows, s.kept + s.block_rows(s.kept))))
+            for name in ROW_FIELDS:
+                setattr(s, name, None if rows[name] is None else rows[name][:, :cap].clone())
+            s.bitmap, s.free = rows["bitmap"].clone(), rows["free"].clone()
+            s.pool = None
+        if cache.rows is not None:
+            cache.rows.refresh()
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One decode step of the batch: q (B, n_heads, 1, head_dim), k/v (B, n_kv_heads, 1, head_dim)
+        -> (B, n_heads, 1, head_dim)."""
+        B, _, T, head_dim = q.shape
+        assert T == 1 and B == len(self.caches), "pooled stores take one decode step of the batch they were built for"
+        for cache in self.caches:
+            cache.length += 1
+            assert cache.length <= cache.max_len, f"cache full: {cache.length} > {cache.max_len}"
+            assert len(cache.kinds) >= cache.length, "feed new tokens to TokenKinds before the model sees them"
+        qf, kf, vf = q.reshape(-1, 1, head_dim), k.reshape(-1, 1, head_dim), v.reshape(-1, 1, head_dim)
+        if self.in_order:
+            return self.pools[0].decode(qf, kf, vf, [c.length for c in self.caches]).view(q.shape)
+        out = torch.empty_like(qf)
+        for pool in self.pools:
+            lengths = [self.caches[b].length for b in pool.batch_index]
+            out.index_copy_(0, pool.q_index, pool.decode(qf, kf, vf, lengths))
+        return out.view(q.shape)
+
+    def nbytes(self) -> int:
+        return storage_bytes(*(t for p in self.pools for t in p.tensors()))

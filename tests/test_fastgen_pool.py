@@ -99,6 +99,8 @@ def test_pooled_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
             torch.testing.assert_close(out[b], dense, atol=1e-5, rtol=1e-5)
             assert torch.equal(s.resident(s.pooled), s.resident(s.alone)), (scenario, step, b)
             assert [x.kept for x in s.pooled.stores] == [x.kept for x in s.alone.stores]
+        if scenario != "budget":  # one pool of every head of every sequence in order: no gathers
+            assert batch.in_order == (scenario == "local+frequent")
         for pool in batch.pools:  # padded to the longest pair, but never past what its longest member may need
             assert pool.k.shape[1] <= max(st.most_rows for st in pool.stores)
             assert pool.k.shape[0] == sum(st.kv_index.numel() for st in pool.stores)

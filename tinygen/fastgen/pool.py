@@ -21,7 +21,7 @@ import torch
 
 from ..attention import compute_dtype
 from ..cache import storage_bytes
-from .policy import FREQUENT, LOCAL, window
+from .policy import FREQUENT, FULL, LOCAL, window
 from .store import PolicyStore
 
 ROW_FIELDS = ("k", "v", "pos", "prot", "score")  # per-row tensors, (pairs, capacity, ...)
@@ -29,18 +29,25 @@ FILL = {"pos": -1}  # what padding rows hold (0 elsewhere)
 
 
 class StorePool:
-    def __init__(self, members: list[tuple[int, PolicyStore]], n_heads: int, n_kv_heads: int):
-        """members: (sequence index in the batch, that sequence's store of this option), the store's rows either
-        its own or a slice of the pool it was in (when the batch changes, pools are rebuilt from both)."""
+    def __init__(self, members: list[tuple[int, PolicyStore]], batch: int, n_heads: int, n_kv_heads: int):
+        """members: (sequence index among the batch's `batch`, one of its stores), the store's rows either its own or in the pool
+        it was in (when the batch changes, pools are rebuilt from both). Pairs are ordered by (sequence, KV head):
+        a pool holding every head of every sequence reads q, k, v and writes its output with no gather."""
         self.batch_index = [b for b, _ in members]
         self.stores = [s for _, s in members]
         first = self.stores[0]
-        self.policy, self.cfg, self.groups = first.policy, first.cfg, first.groups
-        self.heads = [s.kv_index.numel() for s in self.stores]
-        device = first.kv_index.device
-        self.kv_index = torch.cat([b * n_kv_heads + s.kv_index for b, s in members])  # (P,) into (B*n_kv_heads)
-        self.q_index = torch.cat([b * n_heads + s.q_index for b, s in members])  # (P*groups,) into (B*n_heads)
-        self.pair = torch.arange(self.kv_index.numel(), device=device)
+        self.groups, device = first.groups, first.kv_index.device
+        pairs = sorted((b * n_kv_heads + h, m, i) for m, (b, s) in enumerate(members)
+                       for i, h in enumerate(s.kv_index.tolist()))  # (pair's index into B*n_kv_heads, member, row)
+        P = len(pairs)
+        self.kv_index = torch.tensor([kv for kv, _, _ in pairs], device=device)  # (P,) into (B*n_kv_heads)
+        self.q_index = (self.kv_index[:, None] * self.groups + torch.arange(self.groups, device=device)).flatten()
+        self.in_order = [kv for kv, _, _ in pairs] == list(range(batch * n_kv_heads))  # every head of every sequence
+        self.pair_member = torch.tensor([m for _, m, _ in pairs], device=device)  # (P,) which member a pair is
+        where = {(m, i): p for p, (_, m, i) in enumerate(pairs)}
+        self.member_pairs = [torch.tensor([where[m, i] for i in range(s.kv_index.numel())], device=device)
+                             for m, s in enumerate(self.stores)]  # each member's pairs, in its store's head order
+        self.pair = torch.arange(P, device=device)
         self.most_rows = max(s.most_rows for s in self.stores)
         sources = [s.rows() for s in self.stores]  # each {field: (heads, capacity, ...)} plus bitmap and free
         cap = max(src["k"].shape[1] for src in sources)
@@ -53,19 +60,19 @@ class StorePool:
             parts = [src[name] if name == "bitmap" else src[name][:, : s.kept + 1]
                      for src, s in zip(sources, self.stores)]
             width = max(p.shape[1] for p in parts) if name == "bitmap" else cap
-            t = parts[0].new_full((len(self.pair), width) + tuple(parts[0].shape[2:]), FILL.get(name, 0))
-            p0 = 0
-            for p in parts:
-                t[p0 : p0 + p.shape[0], : p.shape[1]] = p
-                p0 += p.shape[0]
+            t = parts[0].new_full((P, width) + tuple(parts[0].shape[2:]), FILL.get(name, 0))
+            for part, pair in zip(parts, self.member_pairs):
+                t[pair, : part.shape[1]] = part
             setattr(self, name, t)
-        self.free = torch.cat([src["free"] for src in sources])  # (P,) each pair's freed row, when its store's hole
-        for i, s in enumerate(self.stores):
-            s.pool, s.pool_pairs = self, slice(sum(self.heads[:i]), sum(self.heads[: i + 1]))
+        self.free = torch.zeros(P, dtype=torch.long, device=device)  # each pair's freed row, when its store's hole
+        for src, pair in zip(sources, self.member_pairs):
+            self.free[pair] = src["free"]
+        for s, pair in zip(self.stores, self.member_pairs):
+            s.pool, s.pool_pairs = self, pair
             s.k = s.v = s.pos = s.prot = s.score = s.bitmap = s.free = None  # the pool holds the rows now
 
     def slice_of(self, store: PolicyStore) -> dict:
-        """A member's rows, as views of the pool: its pairs, its bitmap width."""
+        """A member's rows (copies): its pairs, its bitmap width."""
         p = store.pool_pairs
         rows = {name: None if getattr(self, name) is None else getattr(self, name)[p] for name in ROW_FIELDS}
         rows["bitmap"] = self.bitmap[p, : (store.max_len + 7) // 8]
@@ -94,21 +101,23 @@ class StorePool:
             self._grow(R)
         targets = [min(r, s._budget(n)) for r, s, n in zip(rows, stores, lengths)]
         evict = [r - t for r, t in zip(rows, targets)]
-        assert set(evict) <= {0, 1}, f"policy {self.policy}: more than one eviction in one step"
-        keeps_new = [t == r or bool(self.policy & (FREQUENT | LOCAL)) for r, t in zip(rows, targets)]
+        assert set(evict) <= {0, 1}, "more than one eviction in one step"
+        # special/punct-only stores that do not keep the new token just leave its row to the next one
+        keeps_new = [t == r or bool(s.policy & (FREQUENT | LOCAL)) for r, t, s in zip(rows, targets, stores)]
         # Per member, host-known: rows, the new position, its protected flag, whether it writes into a freed row,
-        # the bit it sets, whether it evicts, where its local window starts. One small tensor per step.
-        table = torch.tensor([[r, n - 1, bool(s.kinds.kinds[n - 1] & s.protect), s.hole,
-                               (1 << (n - 1) % 8) if keep else 0, e, n - window(self.policy, n, self.cfg), n]
+        # the bitmap byte and bit it sets, whether it evicts, where its local window starts, the length.
+        table = torch.tensor([[r, n - 1, bool(s.kinds.kinds[n - 1] & s.protect), s.hole, (n - 1) // 8,
+                               (1 << (n - 1) % 8) if keep else 0, e, n - window(s.policy, n, s.cfg), n]
                               for r, s, n, keep, e in zip(rows, stores, lengths, keeps_new, evict)], dtype=torch.long)
-        table = table.to(device).repeat_interleave(torch.tensor(self.heads, device=device), dim=0,
-                                                   output_size=len(self.pair))  # (P, 8)
-        n_rows, new_pos, protected, hole, bit, evicts, win_start, length = table.unbind(1)
+        table = table.to(device)[self.pair_member]  # (P, 9): each pair's member's row
+        n_rows, new_pos, protected, hole, byte, bit, evicts, win_start, length = table.unbind(1)
+
+        if not self.in_order:  # this pool's pairs of the batch's q, k, v
+            q, k, v = q[self.q_index], k[self.kv_index], v[self.kv_index]
 
         # 1. The new token into each pair's row: `kept`, or the row its last eviction freed.
         at = (self.pair, torch.where(hole.bool(), self.free, n_rows - 1))
-        self.k[at] = k[self.kv_index, 0]
-        self.v[at] = v[self.kv_index, 0]
+        self.k[at], self.v[at] = k[:, 0], v[:, 0]
         self.pos[at] = new_pos.to(self.pos.dtype)
         self.prot[at] = protected.bool()
         if self.score is not None:
@@ -117,7 +126,7 @@ class StorePool:
         # 2. Attention over each pair's rows [0, kept + 1), the rest masked; the `frequent` scores.
         P, _, head_dim = self.k.shape
         dt = compute_dtype(self.k)
-        qs = q[self.q_index].view(P, self.groups, head_dim).to(dt)
+        qs = q.view(P, self.groups, head_dim).to(dt)
         scores = (qs * head_dim**-0.5) @ self.k[:, :R].to(dt).transpose(1, 2)  # (P, groups, R)
         beyond = torch.arange(R, device=device) >= n_rows[:, None]  # (P, R) rows past each pair's own
         if min(rows) < R:
@@ -128,7 +137,7 @@ class StorePool:
             self.score[:, :R] += probs.mean(dim=1)
 
         # 3. Keep the new token (its bit) or, where the budget says so, evict one row per pair.
-        self.bitmap[self.pair, new_pos // 8] |= bit.to(torch.uint8)
+        self.bitmap[self.pair, byte] |= bit.to(torch.uint8)
         if any(evict):
             pos = self.pos[:, :R]
             must = self.prot[:, :R] | beyond | (pos >= win_start[:, None])
@@ -138,12 +147,23 @@ class StorePool:
             keep_mask = torch.where(evicts.bool(), ~(1 << gone % 8), -1).to(torch.uint8)
             self.bitmap[self.pair, gone // 8] &= keep_mask
             self.free = torch.where(evicts.bool(), victim, self.free)
-        for s, t, e in zip(stores, targets, evict):  # special/punct-only stores drop the new token: no freed row
-            s.kept, s.hole = t, bool(e) and (bool(self.policy & (FREQUENT | LOCAL)) or s.hole)
+        for s, t, e, keep in zip(stores, targets, evict, keeps_new):
+            s.kept = t
+            if keep:
+                s.hole = bool(e)
         return out
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]
+
+
+def pool_key(store: PolicyStore) -> tuple:
+    """Stores that may share a pool: ranked alike (with or without `frequent` scores) and keeping about the same
+    share of their sequence's length, so that padding to the longest pair costs little. With the budget profile,
+    a layer's `frequent` and `local+frequent` heads of one share pool together."""
+    p, cfg = store.policy, store.cfg
+    share = (cfg.local_ratio if p & LOCAL else 0.0) + (cfg.frequent_ratio if p & FREQUENT else 0.0)
+    return bool(p & FULL), bool(p & FREQUENT), round(share, 6)
 
 
 class FastGenBatch:
@@ -160,14 +180,14 @@ class FastGenBatch:
         self.in_order = False  # one pool holding every head of every sequence in order: no gather of the output
 
     def update(self, caches: list) -> None:
-        options = defaultdict(list)  # (policy, ratios) -> [(sequence, store)]
+        kinds = defaultdict(list)  # pool_key -> [(sequence, store)]
         for b, cache in enumerate(caches):
             assert cache.pending is None, "a sequence joins the batch after its prefill compressed its caches"
             for s in cache.stores:
-                options[(s.policy, s.cfg.local_ratio, s.cfg.frequent_ratio)].append((b, s))
+                kinds[pool_key(s)].append((b, s))
         self.caches = list(caches)
-        self.pools = [StorePool(members, self.n_heads, self.n_kv_heads) for _, members in sorted(options.items())]
-        self.in_order = len(self.pools) == 1 and all(s.all_heads for s in self.pools[0].stores)
+        self.pools = [StorePool(members, len(caches), self.n_heads, self.n_kv_heads) for _, members in sorted(kinds.items())]
+        self.in_order = len(self.pools) == 1 and self.pools[0].in_order
 
     def release(self, cache) -> None:
         """Copy a sequence's rows out of the pools into its own stores (trimmed to what they hold plus a block)."""
@@ -194,12 +214,12 @@ class FastGenBatch:
             assert cache.length <= cache.max_len, f"cache full: {cache.length} > {cache.max_len}"
             assert len(cache.kinds) >= cache.length, "feed new tokens to TokenKinds before the model sees them"
         qf, kf, vf = q.reshape(-1, 1, head_dim), k.reshape(-1, 1, head_dim), v.reshape(-1, 1, head_dim)
-        if self.in_order:
-            return self.pools[0].decode(qf, kf, vf, [c.length for c in self.caches]).view(q.shape)
+        outs = [pool.decode(qf, kf, vf, [self.caches[b].length for b in pool.batch_index]) for pool in self.pools]
+        if self.in_order:  # one pool, every head of every sequence in order
+            return outs[0].view(q.shape)
         out = torch.empty_like(qf)
-        for pool in self.pools:
-            lengths = [self.caches[b].length for b in pool.batch_index]
-            out.index_copy_(0, pool.q_index, pool.decode(qf, kf, vf, lengths))
+        for pool, o in zip(self.pools, outs):
+            out.index_copy_(0, pool.q_index, o)
         return out.view(q.shape)
 
     def nbytes(self) -> int:

@@ -6,8 +6,10 @@ import itertools
 import pytest
 import torch
 from conftest import DEVICES
+from test_triton_decode import kernels  # noqa: F401  (fixture: the interpreter on a machine without a GPU)
 
 import tinygen.fastgen.cache as fg_cache
+import tinygen.fastgen.pool as pool_module
 from tinygen.attention import dense_attention
 from tinygen.fastgen.cache import FastGenCache
 from tinygen.fastgen.kinds import TokenKinds
@@ -18,9 +20,10 @@ N_HEADS, N_KV, HD = 8, 4, 8
 VOCAB = [SPECIAL if i < 3 else PUNCT if i < 10 else 0 for i in range(50)]  # ids 0-2 special, 3-9 punctuation
 SP, SPF, SPFL = SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PUNCT | FREQUENT | LOCAL
 MAX_LEN = 120
-# (prompt length, step it joins the batch, step it leaves (None: runs to the end)): different lengths, a late join
-# that makes the pools rebuild from pooled and fresh stores, an early leave that gives a store its rows back.
-SEQS = [(12, 0, 30), (31, 0, None), (20, 5, None), (25, 12, 50)]
+# (prompt length, step it joins the batch, step it leaves (None: runs to the end)): different lengths, an early
+# leave that gives a store its rows back and leaves one sequence stepping alone, late joins that rebuild the pools
+# from pooled and fresh stores.
+SEQS = [(12, 0, 8), (31, 0, None), (20, 15, None), (25, 20, 50)]
 STEPS = 70
 
 
@@ -63,16 +66,40 @@ SCENARIOS = {
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_pooled_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
+    run_batch(device, scenario, monkeypatch, SEQS, STEPS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scenario", ["paper-mixed", "budget"])
+def test_triton_pooled_steps_equal_each_sequence_alone(device, scenario, kernels, monkeypatch):  # noqa: F811
+    """The pools on the kernel path (CUDA's; here Triton's interpreter): each pair one row of the kernel's tables,
+    read in place up to its own length. Shorter, as the interpreter is slow."""
+    monkeypatch.setattr(pool_module, "attention_paths", lambda device: ("blocks", "triton"))
+    launches = []
+    for name in ("ragged_decode_rows", "ragged_group_probs_rows"):
+        def counted(*args, fn=getattr(kernels, name), name=name, **kw):
+            launches.append(name)
+            return fn(*args, **kw)
+        monkeypatch.setattr(kernels, name, counted)
+    pool_steps = run_batch(device, scenario, monkeypatch, [(12, 0, 6), (31, 0, None), (20, 9, None), (25, 12, 24)], 30)
+    assert launches.count("ragged_decode_rows") == pool_steps > 20, "one launch per pool and step"
+    assert 0 < launches.count("ragged_group_probs_rows") <= pool_steps
+
+
+def run_batch(device, scenario, monkeypatch, schedule, steps):
+    """Run `schedule` ((prompt length, join step, leave step or None) per sequence) for `steps` steps through a
+    FastGenBatch, checking every step against each sequence's twin stepping alone and against dense attention.
+    Returns how many pool steps ran (pools per step, summed)."""
     cfg, mixes = SCENARIOS[scenario]
     if mixes is not None:
         forced = itertools.chain.from_iterable([m, m] for m in mixes)  # alone and pooled twins, in order
         monkeypatch.setattr(fg_cache, "choose_policies", lambda rec, threshold: list(next(forced)))
     g = torch.Generator().manual_seed(len(scenario))
-    seqs = [Sequence(L0, cfg, g, device) for L0, _, _ in SEQS]
-    batch, running, rebuilt = FastGenBatch(N_HEADS, N_KV), [], 0
-    for step in range(STEPS):
-        joined = [s for s, (_, at, _) in zip(seqs, SEQS) if at == step]
-        leaving = [s for s, (_, _, end) in zip(seqs, SEQS) if end == step]
+    seqs = [Sequence(L0, cfg, g, device) for L0, _, _ in schedule]
+    batch, running, rebuilt, pool_steps = FastGenBatch(N_HEADS, N_KV), [], 0, 0
+    for step in range(steps):
+        joined = [s for s, (_, at, _) in zip(seqs, schedule) if at == step]
+        leaving = [s for s, (_, _, end) in zip(seqs, schedule) if end == step]
         for s in leaving:
             batch.release(s.pooled)
             assert all(st.pool is None and st.k is not None for st in s.pooled.stores)
@@ -90,6 +117,8 @@ def test_pooled_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
             for c in (s.alone, s.pooled):
                 c.kinds.append([s.ids[i]])
         out = batch.attend(q, k, v)  # (B, n_heads, 1, head_dim)
+        pool_steps += len(batch.pools)
+        assert bool(batch.pools) == (len(running) > 1), "one sequence steps through its own stores"
         for b, (s, i, before) in enumerate(zip(running, n, masks)):
             want = s.alone.attend(q[b], k[b], v[b])
             torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
@@ -100,11 +129,13 @@ def test_pooled_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
             assert torch.equal(s.resident(s.pooled), s.resident(s.alone)), (scenario, step, b)
             assert [x.kept for x in s.pooled.stores] == [x.kept for x in s.alone.stores]
         if scenario != "budget":  # one pool of every head of every sequence in order: no gathers
-            assert batch.in_order == (scenario == "local+frequent")
+            assert [p.in_order for p in batch.pools] == [scenario == "local+frequent"] * len(batch.pools)
         for pool in batch.pools:  # padded to the longest pair, but never past what its longest member may need
             assert pool.k.shape[1] <= max(st.most_rows for st in pool.stores)
             assert pool.k.shape[0] == sum(st.kv_index.numel() for st in pool.stores)
-    assert rebuilt == 5 and len(running) == 2
+    assert rebuilt == len({x for _, at, end in schedule for x in (at, end) if x is not None})
+    assert len(running) == sum(end is None for _, _, end in schedule)
+    pools = batch.pools
     for s in running:
         batch.release(s.pooled)
     for s in seqs:  # every store got its rows back, as its twin holds them
@@ -117,5 +148,7 @@ def test_pooled_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
             if a.hole:
                 assert torch.equal(p.free, a.free)
             assert p.k.shape[1] <= max(a.kept + 1, a.kept + p.block_rows(a.kept))
+    assert all(p.kernel == (pool_module.attention_paths(device)[1] == "triton") for p in pools)
     batch.update([])
     assert batch.nbytes() == 0
+    return pool_steps

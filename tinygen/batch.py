@@ -121,7 +121,8 @@ class BatchRunner:
         self.device = model.embed.weight.device
         # FastGen's decode steps run on pools: per layer, the stores of every running sequence (tinygen/fastgen/pool.py)
         c = model.cfg
-        self.pools = None if cfg.policy == "full" else [FastGenBatch(c.n_heads, c.n_kv_heads) for _ in range(c.n_layers)]
+        self.pools = None if cfg.policy == "full" else [FastGenBatch(c.n_heads, c.n_kv_heads)
+                                                        for _ in range(c.n_layers)]
 
     def projected(self, prompt_tokens: int) -> tuple[int, int]:
         return projected_bytes(self.model, self.cfg, prompt_tokens, self.max_new_tokens)
@@ -199,7 +200,7 @@ class BatchRunner:
         t_start, steps = time.perf_counter(), 0
 
         def finish(seq):
-            if self.pools is not None and seq.caches and seq.caches[0].stores and seq.caches[0].stores[0].pool:
+            if self.pools is not None and seq.caches:
                 for layer, cache in zip(self.pools, seq.caches):
                     layer.release(cache)  # its own rows back: the caches read as after a batch-1 run
             seq.kept_fraction = kept_fraction(seq.caches)

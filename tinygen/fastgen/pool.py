@@ -1,9 +1,10 @@
-"""A batch's FastGen decode step: the stores of one (policy, ratios) in one layer, pooled across sequences.
+"""A batch's FastGen decode step: one layer's stores of every running sequence, pooled.
 
 At batch 1 a layer's decode step is a few dozen small PyTorch ops per `PolicyStore` (write, attend, evict). Run per
 sequence, a batch of B pays that B times per layer, which costs more than the smaller cache saves on a CPU. Here the
-stores of every running sequence that share a policy and ratios live in one pool: rows of (sequence, KV head)
-pairs, padded to the longest pair, so one step of the same ops serves the whole batch.
+stores of every running sequence that rank tokens alike and keep the same share of their length live in one pool
+(with the budget profile: one pool per layer): rows of (sequence, KV head) pairs, ordered by sequence and head and
+padded to the longest pair, so one step of the same ops serves the whole batch.
 
 A pair's rows are exactly its store's rows; the pool adds per-pair lengths. Attention masks each pair's rows beyond
 its own `kept + 1`; the new token goes to each pair's own row (`kept`, or the row its last eviction freed); budgets,
@@ -20,19 +21,21 @@ from collections import defaultdict
 import torch
 
 from ..attention import compute_dtype
-from ..cache import storage_bytes
+from ..cache import attention_paths, storage_bytes
 from .policy import FREQUENT, FULL, LOCAL, window
-from .store import PolicyStore
+from .store import PolicyStore, host_to_device
 
 ROW_FIELDS = ("k", "v", "pos", "prot", "score")  # per-row tensors, (pairs, capacity, ...)
 FILL = {"pos": -1}  # what padding rows hold (0 elsewhere)
 
 
 class StorePool:
-    def __init__(self, members: list[tuple[int, PolicyStore]], batch: int, n_heads: int, n_kv_heads: int):
-        """members: (sequence index among the batch's `batch`, one of its stores), the store's rows either its own or in the pool
-        it was in (when the batch changes, pools are rebuilt from both). Pairs are ordered by (sequence, KV head):
-        a pool holding every head of every sequence reads q, k, v and writes its output with no gather."""
+    def __init__(self, members: list[tuple[int, PolicyStore]], batch: int, n_heads: int, n_kv_heads: int,
+                 kernel: bool = False):
+        """members: (sequence index among the batch's `batch`, one of its stores), the store's rows either its own
+        or in the pool it was in (when the batch changes, pools are rebuilt from both). Pairs are ordered by (sequence,
+        KV head): a pool holding every head of every sequence reads q, k, v and writes its output with no gather.
+        kernel: attend through the Triton ragged decode kernel (CUDA), reading each pair's rows in place."""
         self.batch_index = [b for b, _ in members]
         self.stores = [s for _, s in members]
         first = self.stores[0]
@@ -70,6 +73,20 @@ class StorePool:
         for s, pair in zip(self.stores, self.member_pairs):
             s.pool, s.pool_pairs = self, pair
             s.k = s.v = s.pos = s.prot = s.score = s.bitmap = s.free = None  # the pool holds the rows now
+        self.kernel = kernel
+        if kernel:  # each pair is one row of the kernel's tables, serving its query heads of the batch's q
+            self.q_first = (self.kv_index * self.groups).to(torch.int32)
+            self._tables()
+
+    def _tables(self):
+        """The kernel's address tables: each pair's first K, V (and score) row (after building and growing)."""
+        def rows(t):  # (P,) int64 addresses of each pair's row 0 of t: (P, capacity, ...)
+            return t.data_ptr() + self.pair * (t.stride(0) * t.element_size())
+        from ..kernels.decode_attention import aligned
+
+        assert aligned(self.k) and aligned(self.v), "the kernel reads pair rows that start 16-byte aligned"
+        self.k_rows, self.v_rows = rows(self.k), rows(self.v)
+        self.score_rows = rows(self.score) if self.score is not None else None
 
     def slice_of(self, store: PolicyStore) -> dict:
         """A member's rows (copies): its pairs, its bitmap width."""
@@ -89,11 +106,13 @@ class StorePool:
                 new = t.new_full((t.shape[0], cap) + tuple(t.shape[2:]), FILL.get(name, 0))
                 new[:, :n] = t
                 setattr(self, name, new)
+        if self.kernel:
+            self._tables()
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], out: torch.Tensor):
         """One step for every pair: store each sequence's new token (position lengths[i]-1 of member i), attend,
-        keep or evict per pair. q: (B*n_heads, 1, head_dim), k/v: (B*n_kv_heads, 1, head_dim), flattened over the
-        batch -> (P*groups, 1, head_dim) for q_index."""
+        keep or evict per pair. q, out: (B*n_heads, 1, head_dim), k/v: (B*n_kv_heads, 1, head_dim), flattened over
+        the batch; writes the rows of `out` of this pool's query heads."""
         stores, device = self.stores, self.kv_index.device
         rows = [s.kept + 1 for s in stores]  # each member's rows this step, the new token's included
         R = max(rows)
@@ -109,11 +128,11 @@ class StorePool:
         table = torch.tensor([[r, n - 1, bool(s.kinds.kinds[n - 1] & s.protect), s.hole, (n - 1) // 8,
                                (1 << (n - 1) % 8) if keep else 0, e, n - window(s.policy, n, s.cfg), n]
                               for r, s, n, keep, e in zip(rows, stores, lengths, keeps_new, evict)], dtype=torch.long)
-        table = table.to(device)[self.pair_member]  # (P, 9): each pair's member's row
+        table = host_to_device(table, device)[self.pair_member]  # (P, 9): each pair's member's row
         n_rows, new_pos, protected, hole, byte, bit, evicts, win_start, length = table.unbind(1)
 
-        if not self.in_order:  # this pool's pairs of the batch's q, k, v
-            q, k, v = q[self.q_index], k[self.kv_index], v[self.kv_index]
+        if not self.in_order:  # this pool's pairs of the batch's k, v
+            k, v = k[self.kv_index], v[self.kv_index]
 
         # 1. The new token into each pair's row: `kept`, or the row its last eviction freed.
         at = (self.pair, torch.where(hole.bool(), self.free, n_rows - 1))
@@ -124,17 +143,11 @@ class StorePool:
             self.score[at] = 0.0
 
         # 2. Attention over each pair's rows [0, kept + 1), the rest masked; the `frequent` scores.
-        P, _, head_dim = self.k.shape
-        dt = compute_dtype(self.k)
-        qs = q.view(P, self.groups, head_dim).to(dt)
-        scores = (qs * head_dim**-0.5) @ self.k[:, :R].to(dt).transpose(1, 2)  # (P, groups, R)
         beyond = torch.arange(R, device=device) >= n_rows[:, None]  # (P, R) rows past each pair's own
-        if min(rows) < R:
-            scores.masked_fill_(beyond[:, None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1)
-        out = (probs.to(dt) @ self.v[:, :R].to(dt)).to(q.dtype).view(P * self.groups, 1, head_dim)
-        if self.score is not None:
-            self.score[:, :R] += probs.mean(dim=1)
+        if self.kernel:
+            self._attend_kernel(q, n_rows, out)
+        else:
+            self._attend(q, R, beyond if min(rows) < R else None, out)
 
         # 3. Keep the new token (its bit) or, where the budget says so, evict one row per pair.
         self.bitmap[self.pair, byte] |= bit.to(torch.uint8)
@@ -151,7 +164,34 @@ class StorePool:
             s.kept = t
             if keep:
                 s.hole = bool(e)
-        return out
+
+    def _attend(self, q: torch.Tensor, R: int, beyond: torch.Tensor | None, out: torch.Tensor):
+        """PyTorch: one batched matmul-softmax-matmul over rows [0, R) of every pair, rows `beyond` (P, R) masked."""
+        P, _, head_dim = self.k.shape
+        dt = compute_dtype(self.k)
+        qs = (q if self.in_order else q[self.q_index]).view(P, self.groups, head_dim).to(dt)
+        scores = (qs * head_dim**-0.5) @ self.k[:, :R].to(dt).transpose(1, 2)  # (P, groups, R)
+        if beyond is not None:
+            scores.masked_fill_(beyond[:, None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)
+        o = (probs.to(dt) @ self.v[:, :R].to(dt)).to(q.dtype).view(P * self.groups, 1, head_dim)
+        if self.in_order:
+            out.copy_(o)
+        else:
+            out.index_copy_(0, self.q_index, o)
+        if self.score is not None:
+            self.score[:, :R] += probs.mean(dim=1)
+
+    def _attend_kernel(self, q: torch.Tensor, n_rows: torch.Tensor, out: torch.Tensor):
+        """Triton: one launch attends every pair over its own rows in place (no padding read), one more adds the
+        `frequent` scores; lengths come from the device table, so nothing is read back."""
+        from ..kernels.decode_attention import ragged_decode_rows, ragged_group_probs_rows
+
+        lengths = n_rows.to(torch.int32)
+        args = (self.groups, self.k.shape[1], self.k.dtype, self.k.stride(1))
+        _, lse = ragged_decode_rows(q[:, 0], self.k_rows, self.v_rows, lengths, self.q_first, *args, out=out[:, 0])
+        if self.score is not None:
+            ragged_group_probs_rows(q[:, 0], self.k_rows, lengths, self.q_first, *args, lse, self.score_rows)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]
@@ -168,7 +208,7 @@ def pool_key(store: PolicyStore) -> tuple:
 
 class FastGenBatch:
     """One layer's FastGen caches of the running sequences, attending as one: `attend(q, k, v)` with the batch as
-    the leading dimension, each store pooled with the other sequences' stores of the same policy and ratios.
+    the leading dimension, every store in a pool (`pool_key`).
 
     `update(caches)` (the running sequences' caches of this layer, in batch order) rebuilds the pools when the
     batch changes; `release(cache)` gives a leaving sequence's stores their own rows back."""
@@ -177,21 +217,27 @@ class FastGenBatch:
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.caches: list = []
         self.pools: list[StorePool] = []
-        self.in_order = False  # one pool holding every head of every sequence in order: no gather of the output
 
     def update(self, caches: list) -> None:
-        kinds = defaultdict(list)  # pool_key -> [(sequence, store)]
+        if len(caches) == 1:  # one sequence steps through its own stores: a pool of one only costs ops
+            self.release(caches[0])
+        self.caches, self.pools = list(caches), []
+        if len(caches) <= 1:
+            return
+        members = defaultdict(list)  # pool_key -> [(sequence, store)]
         for b, cache in enumerate(caches):
             assert cache.pending is None, "a sequence joins the batch after its prefill compressed its caches"
             for s in cache.stores:
-                kinds[pool_key(s)].append((b, s))
-        self.caches = list(caches)
-        self.pools = [StorePool(members, len(caches), self.n_heads, self.n_kv_heads) for _, members in sorted(kinds.items())]
-        self.in_order = len(self.pools) == 1 and self.pools[0].in_order
+                members[pool_key(s)].append((b, s))
+        kernel = attention_paths(caches[0].kinds.by_position.device)[1] == "triton"
+        self.pools = [StorePool(m, len(caches), self.n_heads, self.n_kv_heads, kernel)
+                      for _, m in sorted(members.items())]
 
     def release(self, cache) -> None:
         """Copy a sequence's rows out of the pools into its own stores (trimmed to what they hold plus a block)."""
         for s in cache.stores:
+            if s.pool is None:  # it ran alone
+                continue
             rows = s.pool.slice_of(s)
             cap = min(rows["k"].shape[1], max(s.kept + 1, min(s.most_rows, s.kept + s.block_rows(s.kept))))
             for name in ROW_FIELDS:
@@ -209,17 +255,16 @@ class FastGenBatch:
         -> (B, n_heads, 1, head_dim)."""
         B, _, T, head_dim = q.shape
         assert T == 1 and B == len(self.caches), "pooled stores take one decode step of the batch they were built for"
+        if not self.pools:
+            return self.caches[0].attend(q[0], k[0], v[0])[None]
         for cache in self.caches:
             cache.length += 1
             assert cache.length <= cache.max_len, f"cache full: {cache.length} > {cache.max_len}"
             assert len(cache.kinds) >= cache.length, "feed new tokens to TokenKinds before the model sees them"
         qf, kf, vf = q.reshape(-1, 1, head_dim), k.reshape(-1, 1, head_dim), v.reshape(-1, 1, head_dim)
-        outs = [pool.decode(qf, kf, vf, [self.caches[b].length for b in pool.batch_index]) for pool in self.pools]
-        if self.in_order:  # one pool, every head of every sequence in order
-            return outs[0].view(q.shape)
         out = torch.empty_like(qf)
-        for pool, o in zip(self.pools, outs):
-            out.index_copy_(0, pool.q_index, o)
+        for pool in self.pools:  # each writes its query heads' rows
+            pool.decode(qf, kf, vf, [self.caches[b].length for b in pool.batch_index], out)
         return out.view(q.shape)
 
     def nbytes(self) -> int:

@@ -258,6 +258,14 @@ class PolicyStore:
                     free=self.free)
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-made tensor on `device` without a host sync: a copy from pageable memory waits for the GPU, one
+    from pinned memory (torch's caching host allocator, which keeps a buffer until its copy is done) does not."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class LayerRows:
     """Every KV head's rows of one layer's stores as device tables for the Triton ragged decode kernel
     (tinygen/kernels/decode_attention.py): one launch attends all stores of the layer, reading their rows in place,
@@ -300,7 +308,8 @@ class LayerRows:
         from ..kernels.decode_attention import ragged_decode_rows, ragged_group_probs_rows
 
         lengths = [s.kept + 1 for s in self.stores for _ in range(s.kv_index.numel())]
-        self.lengths.copy_(torch.tensor(lengths, dtype=torch.int32), non_blocking=True)
+        self.lengths.copy_(host_to_device(torch.tensor(lengths, dtype=torch.int32), self.lengths.device),
+                           non_blocking=True)
         k = self.stores[0].k
         args = (self.groups, self.capacity, k.dtype, k.stride(1))
         out, lse = ragged_decode_rows(q[:, 0], self.k_rows, self.v_rows, self.lengths, self.q_first, *args)

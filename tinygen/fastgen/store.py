@@ -294,8 +294,8 @@ class LayerRows:
         from ..kernels.decode_attention import aligned
 
         device = self.q_first.device
-        assert all(s.k.is_contiguous() and s.v.is_contiguous() and aligned(s.k) and aligned(s.v) for s in self.stores), \
-            "the kernel reads contiguous store rows that start 16-byte aligned"
+        assert all(s.k.is_contiguous() and s.v.is_contiguous() and aligned(s.k) and aligned(s.v)
+                   for s in self.stores), "the kernel reads contiguous store rows that start 16-byte aligned"
         table = lambda addresses: torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
         self.k_rows = table([a for s in self.stores for a in rows(s.k)])  # (n_kv_heads,) int64
         self.v_rows = table([a for s in self.stores for a in rows(s.v)])

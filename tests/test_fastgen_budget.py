@@ -158,3 +158,38 @@ def test_kept_fraction_holds_over_a_generation(engine, kv_budget):  # noqa: F811
     assert all(abs(f - kv_budget) <= 0.02 for f in seen), (min(seen), max(seen))
     opts = {o for c in caches for o in c.options}
     assert len(opts) > 3, "heads got different budgets"
+
+
+@pytest.mark.parametrize("kv_budget", [0.3, 0.5, 0.73])
+def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model_dir, kv_budget):
+    """At the default floor of 1 each layer compresses right after its own prefill (no prompt K/V waits for other
+    layers) and its heads get the options one planner for the whole model gives them; below 1 every layer waits."""
+    from tinygen.fastgen.budget import BudgetPlanner
+    from tinygen.fastgen.cache import FastGenCache
+    from tinygen.generate import prefill
+    from tinygen.loader import load_model
+
+    model = load_model(tiny_model_dir)
+    c = model.cfg
+    g = torch.Generator().manual_seed(int(kv_budget * 100))
+    for L in (23, 40, 57):
+        ids = torch.randint(3, c.vocab_size, (L,), generator=g).tolist()
+        options = []
+        for floor, shared in ((1.0, False), (1.0, True), (0.5, True)):
+            cfg = FastGenConfig(kv_budget=kv_budget, head_floor=floor, observation=8)
+            assert cfg.model_wide == (floor < 1)
+            kinds = TokenKinds([0] * c.vocab_size, L + 1, torch.device("cpu"))
+            kinds.append(ids)
+            if shared:  # one planner for every layer, whatever the floor
+                planner = BudgetPlanner(c.n_layers, kv_budget, floor)
+                caches = [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, L + 1, kinds, cfg, planner)
+                          for _ in range(c.n_layers)]
+            else:
+                caches = fastgen_caches(model, kinds, cfg, L + 1)
+            waiting = []  # after each layer's prefill: how many layers still hold their prompt K/V
+            prefill(model, ids, caches, on_layer=lambda i: waiting.append(sum(x.pending is not None for x in caches)))
+            expect = list(range(1, c.n_layers)) + [0] if shared else [0] * c.n_layers
+            assert waiting == expect
+            options.append([o for x in caches for o in x.options])
+        assert options[0] == options[1], (L, kv_budget)
+        assert options[2] != options[0] or kv_budget == 0.73  # below the floor the planner moves memory

@@ -74,9 +74,10 @@ class BatchStats:
 def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
     """Upper bounds on one sequence's KV bytes: (from its first decode step on, during its prefill).
 
-    They differ with the budget profile only: until the last layer's prefill ends, every layer holds the prompt's
-    full K/V for the planner. Only one sequence prefills at a time, so admission adds the second figure of the
-    new sequence to the first figures of the running ones."""
+    They differ with the budget profile only: a layer holds the prompt's full K/V while it prefills, and below a
+    head floor of 1 every layer holds it until the last layer's prefill ends (the model-wide planner). Only one
+    sequence prefills at a time, so admission adds the second figure of the new sequence to the first figures of
+    the running ones."""
     c, itemsize = model.cfg, model.embed.weight.dtype.itemsize
     final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
     kv_row = 2 * c.head_dim * itemsize  # K and V of one token of one KV head
@@ -88,7 +89,12 @@ def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_token
     rows = min(final, kept + 1)  # a store never holds more than its budget at max_len and the next token's row
     # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap and its freed row
     steady = per_layer * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8 + 8)
-    prefill_peak = per_layer * prompt_tokens * kv_row if cfg.budgeted else 0
+    if cfg.model_wide:
+        prefill_peak = per_layer * prompt_tokens * kv_row
+    elif cfg.budgeted:  # the layers before hold at most their steady bytes, the prefilling one its prompt K/V
+        prefill_peak = steady + c.n_kv_heads * prompt_tokens * kv_row
+    else:
+        prefill_peak = 0
     return steady, max(steady, prefill_peak)
 
 

@@ -7,9 +7,10 @@ full K/V of the layer is then dropped. Later chunks of several tokens (a chat's 
 policy and go through the stores' `extend`. A decode step attends over every store of the layer in one Triton kernel
 launch on CUDA (`LayerRows`), and in one batched PyTorch attention per store on the CPU.
 
-With the paper's profile a layer compresses right after its own prefill, so only one layer's full K/V exists at a
-time. The budget profile allocates across the whole model, so every layer holds its prompt K/V (no more than a full
-cache of the prompt) until the last layer's prefill, when the shared `BudgetPlanner` compresses them all.
+A layer compresses right after its own prefill, so only one layer's full K/V exists at a time, except with the
+budget profile below a head floor of 1: that allocates across the whole model, so every layer holds its prompt K/V
+(no more than a full cache of the prompt) until the last layer's prefill, when the shared `BudgetPlanner`
+compresses them all.
 """
 from __future__ import annotations
 
@@ -182,10 +183,10 @@ class FastGenCache:
 
 
 def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -> list[FastGenCache]:
-    """One FastGen cache per layer of `model`, sharing the sequence's token kinds (and, with the budget profile, one
-    planner)."""
+    """One FastGen cache per layer of `model`, sharing the sequence's token kinds (and, with the budget profile
+    below a floor of 1, one planner for the whole model; otherwise each layer plans its own heads)."""
     c = model.cfg
-    planner = BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor) if cfg.budgeted else None
+    planner = BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor) if cfg.model_wide else None
     return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg, planner) for _ in range(c.n_layers)]
 
 

@@ -89,6 +89,13 @@ class FastGenConfig:
         """auto with the budget profile: heads get per-head ratios (fastgen/budget.py)."""
         return self.policy == "auto" and self.profile == "budget"
 
+    @property
+    def model_wide(self) -> bool:
+        """Budget profile below a floor of 1: the allocation moves memory between heads of different layers, so one
+        planner waits for every layer's profile. At a floor of 1 every head keeps the budget and picks only its
+        shape, on its own: each layer compresses right after its own prefill (the same choices, tested)."""
+        return self.budgeted and self.head_floor < 1
+
 
 def window(policy: int, length: int, cfg: FastGenConfig) -> int:
     """Local window in tokens at this length (0 without `local`)."""

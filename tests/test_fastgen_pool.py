@@ -22,8 +22,8 @@ SP, SPF, SPFL = SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PUNCT | F
 MAX_LEN = 120
 # (prompt length, step it joins the batch, step it leaves (None: runs to the end)): different lengths, an early
 # leave that gives a store its rows back and leaves one sequence stepping alone, late joins that rebuild the pools
-# from pooled and fresh stores.
-SEQS = [(12, 0, 8), (31, 0, None), (20, 15, None), (25, 20, 50)]
+# from pooled and fresh stores, and the longest sequence leaving first (the pools shrink).
+SEQS = [(12, 0, 8), (31, 0, None), (20, 15, None), (25, 20, 50), (70, 25, 40)]
 STEPS = 70
 
 
@@ -56,7 +56,7 @@ SCENARIOS = {
     # paper profile, each sequence its own mix: pools hold different heads of different sequences
     "paper-mixed": (FastGenConfig(profile="paper", local_ratio=0.2, frequent_ratio=0.25, growth_block=4),
                     [[SPECIAL, SP, SPF, SPFL], [FULL, SPFL, SP, LOCAL], [FREQUENT, LOCAL | FREQUENT, SPF, SPECIAL],
-                     [SPFL, SPFL, FREQUENT, FULL]]),
+                     [SPFL, SPFL, FREQUENT, FULL], [FULL, SPECIAL, SPF, LOCAL | FREQUENT]]),
     # one fixed policy: one pool, every head of every sequence in order
     "local+frequent": (FastGenConfig("local+frequent", local_ratio=0.15, frequent_ratio=0.3, growth_block=4), None),
     "budget": (FastGenConfig(kv_budget=0.5, observation=8, growth_block=4), None),
@@ -131,7 +131,9 @@ def run_batch(device, scenario, monkeypatch, schedule, steps):
         if scenario != "budget":  # one pool of every head of every sequence in order: no gathers
             assert [p.in_order for p in batch.pools] == [scenario == "local+frequent"] * len(batch.pools)
         for pool in batch.pools:  # padded to the longest pair, but never past what its longest member may need
-            assert pool.k.shape[1] <= max(st.most_rows for st in pool.stores)
+            longest = max(st.kept for st in pool.stores)
+            assert pool.k.shape[1] <= min(max(st.most_rows for st in pool.stores),
+                                          longest + 1 + pool.stores[0].block_rows(longest))
             assert pool.k.shape[0] == sum(st.kv_index.numel() for st in pool.stores)
     assert rebuilt == len({x for _, at, end in schedule for x in (at, end) if x is not None})
     assert len(running) == sum(end is None for _, _, end in schedule)

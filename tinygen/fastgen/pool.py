@@ -53,7 +53,7 @@ class StorePool:
         self.pair = torch.arange(P, device=device)
         self.most_rows = max(s.most_rows for s in self.stores)
         sources = [s.rows() for s in self.stores]  # each {field: (heads, capacity, ...)} plus bitmap and free
-        cap = max(src["k"].shape[1] for src in sources)
+        cap = max(own_capacity(s, src["k"].shape[1]) for s, src in zip(self.stores, sources))
         for name in ROW_FIELDS + ("bitmap",):
             if sources[0][name] is None:
                 setattr(self, name, None)
@@ -197,6 +197,12 @@ class StorePool:
         return [t for t in (self.k, self.v, self.pos, self.prot, self.score, self.bitmap, self.free) if t is not None]
 
 
+def own_capacity(store: PolicyStore, cap: int) -> int:
+    """The rows a store needs of `cap` it has (in a pool: the longest member's): what it holds, the next token's row
+    and one growth block, as if it had grown on its own. A pool rebuilt after its longest member left shrinks."""
+    return min(cap, max(store.kept + 1, min(store.most_rows, store.kept + store.block_rows(store.kept))))
+
+
 def pool_key(store: PolicyStore) -> tuple:
     """Stores that may share a pool: ranked alike (with or without `frequent` scores) and keeping about the same
     share of their sequence's length, so that padding to the longest pair costs little. With the budget profile,
@@ -239,7 +245,7 @@ class FastGenBatch:
             if s.pool is None:  # it ran alone
                 continue
             rows = s.pool.slice_of(s)
-            cap = min(rows["k"].shape[1], max(s.kept + 1, min(s.most_rows, s.kept + s.block_rows(s.kept))))
+            cap = own_capacity(s, rows["k"].shape[1])
             for name in ROW_FIELDS:
                 setattr(s, name, None if rows[name] is None else rows[name][:, :cap].clone())
             s.bitmap, s.free = rows["bitmap"].clone(), rows["free"].clone()

@@ -41,14 +41,14 @@ class StorePool:
         first = self.stores[0]
         self.groups, device = first.groups, first.kv_index.device
         pairs = sorted((b * n_kv_heads + h, m, i) for m, (b, s) in enumerate(members)
-                       for i, h in enumerate(s.kv_index.tolist()))  # (pair's index into B*n_kv_heads, member, row)
+                       for i, h in enumerate(s.kv_heads))  # (pair's index into B*n_kv_heads, member, row)
         P = len(pairs)
         self.kv_index = torch.tensor([kv for kv, _, _ in pairs], device=device)  # (P,) into (B*n_kv_heads)
         self.q_index = (self.kv_index[:, None] * self.groups + torch.arange(self.groups, device=device)).flatten()
         self.in_order = [kv for kv, _, _ in pairs] == list(range(batch * n_kv_heads))  # every head of every sequence
         self.pair_member = torch.tensor([m for _, m, _ in pairs], device=device)  # (P,) which member a pair is
         where = {(m, i): p for p, (_, m, i) in enumerate(pairs)}
-        self.member_pairs = [torch.tensor([where[m, i] for i in range(s.kv_index.numel())], device=device)
+        self.member_pairs = [torch.tensor([where[m, i] for i in range(len(s.kv_heads))], device=device)
                              for m, s in enumerate(self.stores)]  # each member's pairs, in its store's head order
         self.pair = torch.arange(P, device=device)
         self.most_rows = max(s.most_rows for s in self.stores)

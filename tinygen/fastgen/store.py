@@ -36,6 +36,7 @@ class PolicyStore:
         device = k.device
         self.policy, self.kinds, self.cfg = policy, kinds, cfg
         self.protect = protected_kinds(policy)
+        self.kv_heads = list(kv_heads)  # on the host too: a batch's pools order pairs by it without a device read
         self.kv_index = torch.tensor(kv_heads, device=device)
         self.all_heads = kv_heads == list(range(n_kv_heads))  # then no gather of q, k, v and no scatter of out
         self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
@@ -296,7 +297,7 @@ class LayerRows:
         device = self.q_first.device
         assert all(s.k.is_contiguous() and s.v.is_contiguous() and aligned(s.k) and aligned(s.v)
                    for s in self.stores), "the kernel reads contiguous store rows that start 16-byte aligned"
-        table = lambda addresses: torch.tensor(addresses, dtype=torch.int64).to(device, non_blocking=True)
+        table = lambda addresses: host_to_device(torch.tensor(addresses, dtype=torch.int64), device)
         self.k_rows = table([a for s in self.stores for a in rows(s.k)])  # (n_kv_heads,) int64
         self.v_rows = table([a for s in self.stores for a in rows(s.v)])
         self.score_rows = table([a for s in self.stores if s.score is not None for a in rows(s.score)])  # (n_frequent,)

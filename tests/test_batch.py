@@ -74,11 +74,11 @@ def batch_engine(default_model_dir, engine):
     return load_model(default_model_dir, batch=6), engine[1]
 
 
-def answers(engine, cfg, batch, max_new_tokens=24, cap=None, ignore_eos=False):
+def answers(engine, cfg, batch, max_new_tokens=24, cap=None, ignore_eos=False, pool=True):
     model, tok = engine
     prompts = [(i, tok.encode(tok.render_chat([{"role": "user", "content": t}]))) for i, t in enumerate(MIXED)]
     done = {}
-    runner = BatchRunner(model, tok, cfg, SamplingParams(), max_new_tokens, batch, cap, ignore_eos)
+    runner = BatchRunner(model, tok, cfg, SamplingParams(), max_new_tokens, batch, cap, ignore_eos, pool=pool)
     stats = runner.run(prompts, lambda seq: done.__setitem__(seq.index, seq))
     assert all(not s.caches for s in done.values()), "a finished sequence frees its caches"
     return [done[i] for i in range(len(MIXED))], stats
@@ -97,7 +97,10 @@ def test_each_sequence_of_a_batch_gives_its_batch1_text(engine, batch_engine, cf
     assert stats.max_running == 6
     same = [a.out == b.out for a, b in zip(one, six)]
     assert sum(same) >= 5, same
-    if cfg.policy == "auto":
+    if cfg.policy == "auto":  # the pools step as each sequence's stores step alone in the same batch
+        unpooled, _ = answers(batch_engine, cfg, batch=6, pool=False)
+        assert [s.out for s in unpooled] == [s.out for s in six]
+        assert [s.policies for s in unpooled] == [s.policies for s in six]
         alone, _ = answers(batch_engine, cfg, batch=1)
         assert all(a.policies == b.policies for a, b in zip(alone, six))
         assert all(abs(s.kept_fraction - 0.7) <= 0.02 for s in six)

@@ -119,16 +119,18 @@ class BatchRunner:
     in finishing order, and returns BatchStats."""
 
     def __init__(self, model, tok, cfg: FastGenConfig, sampling: SamplingParams, max_new_tokens: int, batch: int,
-                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, check_every: int = 8):
+                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, check_every: int = 8,
+                 pool: bool = True):
         self.model, self.tok, self.cfg, self.sampling = model, tok, cfg, sampling
         self.max_new_tokens, self.batch, self.cap, self.ignore_eos = max_new_tokens, batch, kv_cap_bytes, ignore_eos
         self.on_progress, self.check_every = on_progress, check_every
         assert batch >= 1, "a batch holds at least one sequence"
         self.device = model.embed.weight.device
-        # FastGen's decode steps run on pools: per layer, the stores of every running sequence (tinygen/fastgen/pool.py)
+        # FastGen's decode steps run on pools: per layer, the stores of every running sequence (fastgen/pool.py).
+        # pool=False lets each sequence's stores step alone (to compare; admission then sums the projections).
         c = model.cfg
-        self.pools = None if cfg.policy == "full" else [FastGenBatch(c.n_heads, c.n_kv_heads)
-                                                        for _ in range(c.n_layers)]
+        self.pools = None if cfg.policy == "full" or not pool else [FastGenBatch(c.n_heads, c.n_kv_heads)
+                                                                    for _ in range(c.n_layers)]
 
     def projected(self, prompt_tokens: int) -> tuple[int, int]:
         return projected_bytes(self.model, self.cfg, prompt_tokens, self.max_new_tokens)

@@ -1,0 +1,85 @@
+"""Batches of prompts of mixed lengths on the CPU: what FastGen's pools cost in memory (padding) and buy in time.
+
+    python bench/bench_batch_mixed.py                    # -> bench/results/batch_cpu_mixed.md
+
+Method (also written beside the results):
+- Prompts: the first --prompts MT-Bench first turns (../shared/eval/mt_bench.jsonl) through the chat template, so
+  their lengths differ; --new forced new tokens each (EOS ignored), greedy, float32, batch --batch, no cap.
+- Methods: the full cache; `auto` (budget 0.7) with its decode steps on pools (tinygen/fastgen/pool.py: each layer's
+  stores of every running sequence in one pool, pairs padded to the longest); the same `auto` with each sequence's
+  stores stepping alone (`BatchRunner(pool=False)`), which pads nothing.
+- Decode tok/s counts every sequence's tokens out of decode steps over the decode time; peak KV is the storage of
+  the caches' tensors (pools included), sampled every 8 steps and at each admission. Median over --repeats after
+  one warm-up round; the methods alternate within each round.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import machine_lines, write_atomic  # noqa: E402
+from tinygen.batch import BatchRunner  # noqa: E402
+from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
+from tinygen.loader import load_model  # noqa: E402
+from tinygen.sampling import SamplingParams  # noqa: E402
+from tinygen.tokenizer import Tokenizer  # noqa: E402
+
+METHODS = {"full": (FastGenConfig(policy="full"), True), "auto budget=0.7, pools": (FastGenConfig(), True),
+           "auto budget=0.7, per-sequence stores": (FastGenConfig(), False)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
+    p.add_argument("--questions", default=str(ROOT.parent / "shared" / "eval" / "mt_bench.jsonl"))
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model, batch=a.batch)
+    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    with open(a.questions) as f:
+        turns = [json.loads(line)["turns"][0] for line in f if line.strip()][: a.prompts]
+    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": t}])) for t in turns]
+    lengths = sorted(len(p) for p in prompts)
+
+    rates, peaks = {name: [] for name in METHODS}, {}
+    for i in range(a.repeats + 1):
+        for name, (cfg, pool) in METHODS.items():
+            runner = BatchRunner(model, tok, cfg, SamplingParams(), a.new, a.batch, ignore_eos=True, pool=pool)
+            stats = runner.run(list(enumerate(prompts)), lambda seq: None)
+            if i:  # the first round is warm-up
+                rates[name].append(stats.decode_tokens_per_second)
+            peaks[name] = stats.peak_kv_bytes
+    full_rate, full_peak = statistics.median(rates["full"]), peaks["full"]
+    lines = ["# Batches of mixed-length prompts on the CPU: pools against per-sequence stores", "",
+             *[f"- {x}" for x in machine_lines()],
+             f"- settings: {len(prompts)} MT-Bench first turns ({lengths[0]}-{lengths[-1]} prompt tokens), batch "
+             f"{a.batch}, {a.new} new tokens each, float32, greedy, EOS ignored, {a.threads} threads; median of "
+             f"{a.repeats} after one warm-up", "",
+             "| method | decode tok/s | x full | peak KV MiB | x full's bytes |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in METHODS:
+        rate = statistics.median(rates[name])
+        lines.append(f"| {name} | {rate:.1f} | {rate / full_rate:.2f} | {peaks[name] / 2**20:.2f} | "
+                     f"{peaks[name] / full_peak:.2f} |")
+        print(f"{name}: {rate:.1f} tok/s, peak KV {peaks[name] / 2**20:.2f} MiB", flush=True)
+    lines += ["", __doc__.split("Method (also written beside the results):")[1].strip()]
+    out = Path(a.out) / "batch_cpu_mixed.md"
+    write_atomic(out, "\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,15 +3,18 @@
 Every running sequence owns one cache per layer, exactly as a batch-1 run would: its own FastGen profile, so every
 (sequence, KV head) pair has its own policy. A decode step runs the current token of every running sequence through
 one forward (`Llama.forward` with tokens (B, 1), each sequence at its own position): the weights are read once for
-all B tokens, and each sequence's caches attend over what they keep. A new prompt is prefilled on its own and joins
-the batch when its projected KV bytes fit under the cap; a sequence that finishes (EOS, its token limit, the
-context) leaves at once and its caches are freed, which makes room for the next prompt.
+all B tokens, and each sequence's caches attend over what they keep: full caches one by one, FastGen stores in
+pools, one per layer for every running sequence (fastgen/pool.py), rebuilt as sequences join and leave. A new
+prompt is prefilled on its own and joins the batch when its projected KV bytes fit under the cap; a sequence that
+finishes (EOS, its token limit, the context) leaves at once and its caches are freed, which makes room for the next
+prompt.
 
 The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time,
 for the full cache and for FastGen alike (the full cache: its final length, the most its caches are sized for;
 FastGen: what its budget keeps of the final length plus the row a step writes before it evicts, and a store's
 positions, flags, scores and bitmaps). With the budget profile a head keeps its menu share of the length
 (`kept_share`); the paper's profile and fixed policies that protect special/punctuation tokens project a full cache.
+A pool pads its pairs to the longest, so there every running sequence counts as the largest projection (`fits`).
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ What was measured (README, "The budget profile"): on SmolLM2-135M the profile's 
 fidelity disagree. Every floor below 1 (memory moved between heads, model-wide or within each layer) lost to the
 same memory spread evenly; the observation window predicts which heads need more better than all prompt rows, but
 it under-rates the late layers (17-24) whose generated tokens attend to the prompt. So the default floor is 1: every
-head keeps kv_budget, and the profile only chooses its shape (`frequent` or `local+frequent`).
+head keeps kv_budget, and the profile only chooses its shape (`frequent` or `local+frequent`). A head's choice then
+depends on nothing outside it, so each layer plans alone, right after its own prefill (`FastGenConfig.model_wide`).
 
 Budgets stay shares of the current length during decoding, so the kept fraction holds as the sequence grows.
 """
@@ -133,8 +134,9 @@ def allocate(rec: torch.Tensor, cost: torch.Tensor, target: float, floor: float 
 
 
 class BudgetPlanner:
-    """Shared by the FastGen caches of one sequence: each layer registers at prefill; once all have (or at the first
-    decode step, whichever comes first) one allocation chooses every head's option and each cache compresses."""
+    """Shared by the FastGen caches of one sequence (below a floor of 1; otherwise each layer has its own, of one
+    layer): each layer registers at prefill; once all have (or at the first decode step, whichever comes first) one
+    allocation chooses every head's option and each cache compresses."""
 
     def __init__(self, n_layers: int, kv_budget: float, floor: float = 0.0, menu=MENU):
         self.n_layers, self.kv_budget, self.floor, self.menu = n_layers, kv_budget, floor, menu

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_lines, prompt_ids, write_atomic  # noqa: E402
+from bench.common import machine_lines, prompt_ids, write_report  # noqa: E402
 from tinygen.batch import BatchRunner, projected_bytes  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
 from tinygen.loader import load_model  # noqa: E402
@@ -113,10 +113,7 @@ def main():
               "| ---: | ---: | --- | ---: | ---: | ---: |"]
     for n_full, cap, name, running, rate, peak in capped:
         lines.append(f"| {n_full} | {cap / 2**20:.2f} | {name} | {running} | {rate:.1f} | {peak / 2**20:.2f} |")
-    lines += ["", __doc__.split("Method (also written beside the results):")[1].strip()]
-    out = Path(a.out) / "batch_cpu.md"
-    write_atomic(out, "\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(Path(a.out) / "batch_cpu.md", lines, __doc__)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Method (also written beside the results):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_lines, write_atomic  # noqa: E402
+from bench.common import EVAL_DIR, machine_lines, write_report  # noqa: E402
 from tinygen.batch import BatchRunner  # noqa: E402
+from tinygen.eval.prompts import load_prompts  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
 from tinygen.loader import load_model  # noqa: E402
 from tinygen.sampling import SamplingParams  # noqa: E402
@@ -39,7 +39,7 @@ METHODS = {"full": (FastGenConfig(policy="full"), True), "auto budget=0.7, pools
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--questions", default=str(ROOT.parent / "shared" / "eval" / "mt_bench.jsonl"))
+    p.add_argument("--questions", default=str(EVAL_DIR / "mt_bench.jsonl"))
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new", type=int, default=64)
@@ -50,9 +50,7 @@ def main():
     torch.set_num_threads(a.threads)
     model = load_model(a.model, batch=a.batch)
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    with open(a.questions) as f:
-        turns = [json.loads(line)["turns"][0] for line in f if line.strip()][: a.prompts]
-    prompts = [tok.encode(tok.render_chat([{"role": "user", "content": t}])) for t in turns]
+    prompts = [tok.encode_prompt(r["prompt"]) for r in load_prompts(a.questions, a.prompts)]
     lengths = sorted(len(p) for p in prompts)
 
     rates, peaks = {name: [] for name in METHODS}, {}
@@ -75,10 +73,7 @@ def main():
         lines.append(f"| {name} | {rate:.1f} | {rate / full_rate:.2f} | {peaks[name] / 2**20:.2f} | "
                      f"{peaks[name] / full_peak:.2f} |")
         print(f"{name}: {rate:.1f} tok/s, peak KV {peaks[name] / 2**20:.2f} MiB", flush=True)
-    lines += ["", __doc__.split("Method (also written beside the results):")[1].strip()]
-    out = Path(a.out) / "batch_cpu_mixed.md"
-    write_atomic(out, "\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(Path(a.out) / "batch_cpu_mixed.md", lines, __doc__)
 
 
 if __name__ == "__main__":

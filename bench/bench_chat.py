@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_lines, prompt_ids, timed, write_atomic  # noqa: E402
+from bench.common import machine_lines, prompt_ids, timed, write_report  # noqa: E402
 from tinygen.conversation import Conversation  # noqa: E402
 from tinygen.fastgen.cache import make_caches  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
@@ -116,10 +116,7 @@ def main():
     for name, total, new, c, s in rows:
         lines.append(f"| {name} | {total} | {new} | {c * 1e3:.1f} | {s * 1e3:.1f} | {c / s:.3f} | "
                      f"{c * 1e3 / new:.2f} |")
-    lines += ["", __doc__.split("Method (also written beside the results):")[1].strip()]
-    out = Path(a.out) / f"chat_{device}.md"
-    write_atomic(out, "\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    write_report(Path(a.out) / f"chat_{device}.md", lines, __doc__)
 
 
 if __name__ == "__main__":

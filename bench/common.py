@@ -106,6 +106,13 @@ def prompt_ids(tokenizer, n_tokens: int, path: Path = PRIDE, start: str = PRIDE_
     return ids[:n_tokens]
 
 
+def write_report(path: Path, lines: list[str], doc: str) -> None:
+    """Write a results table and, beneath it, the method section of the benchmark's docstring; say where."""
+    method = doc.split("Method (also written beside the results):")[1].strip()
+    write_atomic(path, "\n".join(lines + ["", method]) + "\n")
+    print(f"wrote {path}")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name beside `path`, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

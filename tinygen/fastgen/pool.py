@@ -23,7 +23,7 @@ import torch
 from ..attention import compute_dtype
 from ..cache import attention_paths, storage_bytes
 from .policy import FREQUENT, FULL, LOCAL, window
-from .store import PolicyStore, host_to_device
+from .store import PolicyStore, host_to_device, row_addresses
 
 ROW_FIELDS = ("k", "v", "pos", "prot", "score")  # per-row tensors, (pairs, capacity, ...)
 FILL = {"pos": -1}  # what padding rows hold (0 elsewhere)
@@ -80,13 +80,10 @@ class StorePool:
 
     def _tables(self):
         """The kernel's address tables: each pair's first K, V (and score) row (after building and growing)."""
-        def rows(t):  # (P,) int64 addresses of each pair's row 0 of t: (P, capacity, ...)
-            return t.data_ptr() + self.pair * (t.stride(0) * t.element_size())
-        from ..kernels.decode_attention import aligned
-
-        assert aligned(self.k) and aligned(self.v), "the kernel reads pair rows that start 16-byte aligned"
-        self.k_rows, self.v_rows = rows(self.k), rows(self.v)
-        self.score_rows = rows(self.score) if self.score is not None else None
+        device = self.pair.device
+        self.k_rows = host_to_device(row_addresses(self.k), device)  # (P,) int64
+        self.v_rows = host_to_device(row_addresses(self.v), device)
+        self.score_rows = None if self.score is None else host_to_device(row_addresses(self.score, kv=False), device)
 
     def slice_of(self, store: PolicyStore) -> dict:
         """A member's rows (copies): its pairs, its bitmap width."""
@@ -143,23 +140,25 @@ class StorePool:
             self.score[at] = 0.0
 
         # 2. Attention over each pair's rows [0, kept + 1), the rest masked; the `frequent` scores.
-        beyond = torch.arange(R, device=device) >= n_rows[:, None]  # (P, R) rows past each pair's own
+        ragged = min(rows) < R
+        beyond = torch.arange(R, device=device) >= n_rows[:, None] if ragged else None  # (P, R) past each pair's rows
         if self.kernel:
             self._attend_kernel(q, n_rows, out)
         else:
-            self._attend(q, R, beyond if min(rows) < R else None, out)
+            self._attend(q, R, beyond, out)
 
         # 3. Keep the new token (its bit) or, where the budget says so, evict one row per pair.
         self.bitmap[self.pair, byte] |= bit.to(torch.uint8)
         if any(evict):
-            pos = self.pos[:, :R]
-            must = self.prot[:, :R] | beyond | (pos >= win_start[:, None])
+            pos, evicts = self.pos[:, :R], evicts.bool()
+            must = self.prot[:, :R] | (pos >= win_start[:, None])
+            if ragged:
+                must |= beyond
             key = self.score[:, :R] / (length[:, None] - pos) if self.score is not None else pos.float()
             victim = key.masked_fill(must, float("inf")).argmin(dim=1)  # (P,)
             gone = pos[self.pair, victim].long().clamp(min=0)
-            keep_mask = torch.where(evicts.bool(), ~(1 << gone % 8), -1).to(torch.uint8)
-            self.bitmap[self.pair, gone // 8] &= keep_mask
-            self.free = torch.where(evicts.bool(), victim, self.free)
+            self.bitmap[self.pair, gone // 8] &= torch.where(evicts, ~(1 << gone % 8), -1).to(torch.uint8)
+            self.free = torch.where(evicts, victim, self.free)
         for s, t, e, keep in zip(stores, targets, evict, keeps_new):
             s.kept = t
             if keep:

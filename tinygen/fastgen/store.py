@@ -259,6 +259,15 @@ class PolicyStore:
                     free=self.free)
 
 
+def row_addresses(t: torch.Tensor, kv: bool = True) -> torch.Tensor:
+    """(rows,) int64 addresses of each row's first element of t: (rows, capacity, ...) on the host, for the Triton
+    kernels' tables, which read rows in place (K/V rows, `kv`, must start 16-byte aligned)."""
+    from ..kernels.decode_attention import aligned
+
+    assert not kv or aligned(t), "the kernel reads K/V rows that start 16-byte aligned"
+    return t.data_ptr() + torch.arange(t.shape[0], dtype=torch.int64) * (t.stride(0) * t.element_size())
+
+
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host-made tensor on `device` without a host sync: a copy from pageable memory waits for the GPU, one
     from pinned memory (torch's caching host allocator, which keeps a buffer until its copy is done) does not."""
@@ -289,18 +298,12 @@ class LayerRows:
 
     def refresh(self):
         """Rebuild the address tables from the stores' current tensors (at build, and after a store grows)."""
-        def rows(t):  # addresses of each head's first row of t: (heads, capacity, ...)
-            return [t.data_ptr() + h * t.stride(0) * t.element_size() for h in range(t.shape[0])]
-
-        from ..kernels.decode_attention import aligned
-
         device = self.q_first.device
-        assert all(s.k.is_contiguous() and s.v.is_contiguous() and aligned(s.k) and aligned(s.v)
-                   for s in self.stores), "the kernel reads contiguous store rows that start 16-byte aligned"
-        table = lambda addresses: host_to_device(torch.tensor(addresses, dtype=torch.int64), device)
-        self.k_rows = table([a for s in self.stores for a in rows(s.k)])  # (n_kv_heads,) int64
-        self.v_rows = table([a for s in self.stores for a in rows(s.v)])
-        self.score_rows = table([a for s in self.stores if s.score is not None for a in rows(s.score)])  # (n_frequent,)
+        assert all(s.k.is_contiguous() and s.v.is_contiguous() for s in self.stores), "contiguous store rows"
+        table = lambda name: host_to_device(torch.cat([row_addresses(getattr(s, name), name != "score")
+                                                       for s in self.stores if getattr(s, name) is not None]), device)
+        self.k_rows, self.v_rows = table("k"), table("v")  # (n_kv_heads,) int64
+        self.score_rows = table("score") if self.n_frequent else None  # (n_frequent,): `frequent` stores come first
         self.capacity = max(s.k.shape[1] for s in self.stores)  # bounds every length: sizes the grid
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:

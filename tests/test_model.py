@@ -111,6 +111,26 @@ def test_full_cache_grows_in_blocks_and_keeps_what_it_wrote():
     assert cache.nbytes() == 2 * n_kv * cache.k.shape[1] * head_dim * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (9, 3)])
+def test_full_cache_decode_matches_dense_attention(dtype, n_heads, n_kv):
+    """The CPU decode step (SDPA for a float32 cache, the grouped matmuls for bfloat16) attends each query head to
+    its KV head's every key, as softmax(q k^T / sqrt(d)) v written out with repeated K/V."""
+    head_dim, prompt, steps = 16, 37, 20
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(h, prompt + steps, head_dim, generator=g).to(dtype) for h in (n_heads, n_kv, n_kv))
+    cache = FullCache(n_kv, head_dim, prompt + steps, torch.device("cpu"), dtype)
+    cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    for t in range(prompt, prompt + steps):
+        got = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])  # (n_heads, 1, head_dim)
+        kr, vr = (x[:, : t + 1].float().repeat_interleave(n_heads // n_kv, dim=0) for x in (k, v))
+        probs = torch.softmax(q[:, t : t + 1].float() @ kr.transpose(1, 2) / head_dim**0.5, dim=-1)
+        want = probs @ vr
+        assert got.dtype == dtype and got.shape == (n_heads, 1, head_dim)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
 def test_full_cache_stops_at_max_len():
     cache = FullCache(1, 4, 50, torch.device("cpu"), torch.float32)
     cache.append(torch.zeros(1, 45, 4), torch.zeros(1, 45, 4))

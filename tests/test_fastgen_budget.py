@@ -193,3 +193,35 @@ def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model
             options.append([o for x in caches for o in x.options])
         assert options[0] == options[1], (L, kv_budget)
         assert options[2] != options[0] or kv_budget == 0.73  # below the floor the planner moves memory
+
+
+def test_layer_budgets_give_each_layer_its_own_share(tiny_model_dir):
+    """layer_budgets: every head of layer i keeps the menu share at budget i (the smallest step of 0.05 at or above
+    it), through prefill and decoding; the batch admission counts their mean; bad lists are one-line errors."""
+    from tinygen.batch import kept_share
+    from tinygen.errors import TinygenError
+    from tinygen.loader import load_model
+
+    model = load_model(tiny_model_dir)
+    c = model.cfg
+    budgets = tuple([0.3, 1.0, 0.71, 0.82, 0.5][i % 5] for i in range(c.n_layers))
+    shares = [0.3, 1.0, 0.75, 0.85, 0.5]
+    cfg = FastGenConfig(kv_budget=0.7, layer_budgets=budgets, observation=8)
+    L, steps = 60, 12
+    ids = torch.randint(3, c.vocab_size, (L,), generator=torch.Generator().manual_seed(4)).tolist()
+    kinds = TokenKinds([0] * c.vocab_size, L + steps, torch.device("cpu"))
+    caches = fastgen_caches(model, kinds, cfg, L + steps)
+    list(generate(model, ids, caches, steps, ignore_eos=True, on_tokens=kinds.append))
+    for i, cache in enumerate(caches):
+        want = shares[i % 5]
+        assert {round(o.local_ratio + o.frequent_ratio, 2) if not o.policy & FULL else 1.0 for o in cache.options} \
+            == {want}, i
+        n = cache.length
+        assert abs(cache.kept_tokens() / (n * c.n_kv_heads) - want) <= 1.5 / n + 1e-9, (i, cache.kept_tokens(), n)
+    assert kept_share(cfg) == pytest.approx(sum(shares[i % 5] for i in range(c.n_layers)) / c.n_layers)
+    with pytest.raises(TinygenError, match="layer budgets for a model of"):
+        fastgen_caches(model, kinds, FastGenConfig(layer_budgets=(0.5,) * (c.n_layers + 1)), L)
+    with pytest.raises(TinygenError, match="head floor of 1"):
+        FastGenConfig(layer_budgets=(0.5,), head_floor=0.5)
+    with pytest.raises(TinygenError, match=r"in \(0, 1\]"):
+        FastGenConfig(layer_budgets=(0.5, 0.0))

@@ -108,6 +108,9 @@ def kept_share(cfg: FastGenConfig) -> float:
     protects special/punctuation tokens (or the paper's profile) may keep everything."""
     from .fastgen.budget import SHARES
 
+    if cfg.budgeted and cfg.layer_budgets is not None:  # each layer's heads take the menu share at its budget
+        return sum(min((s for s in SHARES if s >= b - 1e-9), default=1.0) for b in cfg.layer_budgets) / len(
+            cfg.layer_budgets)
     if cfg.budgeted:
         floor = cfg.head_floor * cfg.kv_budget
         return min(1.0, max(cfg.kv_budget, min((s for s in SHARES if s >= floor - 1e-9), default=1.0)))

@@ -20,6 +20,7 @@ import time
 import torch
 
 from ..cache import attention_paths, storage_bytes
+from ..errors import TinygenError
 from .kinds import TokenKinds
 from .budget import BudgetPlanner, Option
 from .policy import (FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, policy_name, protected_kinds,
@@ -186,8 +187,14 @@ def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -
     """One FastGen cache per layer of `model`, sharing the sequence's token kinds (and, with the budget profile
     below a floor of 1, one planner for the whole model; otherwise each layer plans its own heads)."""
     c = model.cfg
-    planner = BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor) if cfg.model_wide else None
-    return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg, planner) for _ in range(c.n_layers)]
+    if cfg.layer_budgets is not None:  # each layer plans alone, with its own share
+        if len(cfg.layer_budgets) != c.n_layers:
+            raise TinygenError(f"{len(cfg.layer_budgets)} layer budgets for a model of {c.n_layers} layers")
+        planners = [BudgetPlanner(1, b, cfg.head_floor) for b in cfg.layer_budgets]
+    else:
+        planner = BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor) if cfg.model_wide else None
+        planners = [planner] * c.n_layers
+    return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg, p) for p in planners]
 
 
 def policy_map(caches: list[FastGenCache]) -> str:

@@ -57,6 +57,8 @@ class FastGenConfig:
     observation: int = 32  # budget profile: the prompt's last rows whose attention is profiled (SnapKV's window)
     head_floor: float = 1.0  # budget profile: no head keeps less than this share of kv_budget (README: below 1,
     # the allocation moves memory between heads, and on the default model every floor below 1 measured worse)
+    layer_budgets: tuple[float, ...] | None = None  # budget profile at a floor of 1: each layer's own kept share in
+    # place of kv_budget (an experiment: README, "Budgets per layer"); kv_budget stays the target they average to
     threshold: float = 0.98  # paper profile: T, the attention a policy must recover
     local_ratio: float = 0.3  # paper profile and fixed policies: r_l
     frequent_ratio: float = 0.3  # paper profile and fixed policies: r_f
@@ -76,6 +78,11 @@ class FastGenConfig:
         for name in ("local_ratio", "frequent_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise TinygenError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        if self.layer_budgets is not None:
+            if not (self.budgeted and self.head_floor == 1):
+                raise TinygenError("layer budgets are for the budget profile at a head floor of 1")
+            if not all(0 < b <= 1 for b in self.layer_budgets):
+                raise TinygenError(f"each layer budget must be in (0, 1], got {self.layer_budgets}")
         if self.growth_block < 1:
             raise TinygenError("growth_block must be positive")
         parse_policy(self.policy)

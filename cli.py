@@ -40,6 +40,9 @@ def parse_args(argv):
                    "paper's candidates that recovers --threshold)")
     p.add_argument("--kv-budget", type=float, default=None, metavar="F", help="auto: keep about this fraction of the "
                    "KV cache, in (0, 1] (default 0.7)")
+    p.add_argument("--calibration", metavar="FILE", default=None, help="auto, budget profile: spread --kv-budget "
+                   "across layers by this calibration (python -m tinygen.eval.calibrate); default: the model "
+                   "directory's fastgen_calibration.json if there is one; 'none' spreads it evenly")
     p.add_argument("--threshold", type=float, default=None, help="auto with the paper's profile: recovery threshold "
                    "T in (0, 1] (default 0.98; giving it selects --profile paper)")
     p.add_argument("--local-ratio", type=float, default=None, help="fixed policies and --profile paper: local window "
@@ -98,6 +101,8 @@ def parse_args(argv):
                   "--threshold (paper profile), not both"),
                  (a.kv_budget is not None and a.profile == "paper", "--kv-budget is for --profile budget; the paper's "
                   "profile takes --threshold"),
+                 (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget "
+                  "profile"),
                  (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile "
                   "takes --kv-budget"),
                  (budgeted and (a.local_ratio is not None or a.frequent_ratio is not None), "--local-ratio and "
@@ -121,6 +126,7 @@ def run(a) -> int:
 
     from tinygen.errors import TinygenError
     from tinygen.cache import full_kv_bytes, kept_fraction, kept_kv_bytes
+    from tinygen.fastgen.budget import calibration_path, with_calibration
     from tinygen.fastgen.cache import make_caches, policy_map
     from tinygen.fastgen.policy import FastGenConfig
     from tinygen.generate import GenerationStats, generate
@@ -138,6 +144,8 @@ def run(a) -> int:
     model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize, batch=batch)
     cfg = model.cfg
     tok = Tokenizer(a.model, cfg.eos_token_ids)
+    calibration = calibration_path(a.model, a.calibration) if fastgen.budgeted else None
+    fastgen = with_calibration(fastgen, calibration, cfg.n_layers)  # budgets per layer, if calibrated
 
     if a.perplexity:
         ids = tok.encode(read_text(a.perplexity))
@@ -194,6 +202,8 @@ def run(a) -> int:
         "policy": a.policy,
         "profile": a.profile if a.policy == "auto" else None,
         "kv_budget": fastgen.kv_budget if fastgen.budgeted else None,
+        "calibration": str(calibration) if fastgen.layer_budgets else None,
+        "layer_budgets": list(fastgen.layer_budgets) if fastgen.layer_budgets else None,
         "stop_reason": stats.stop_reason,
         "device": device,
         "dtype": a.dtype,

@@ -7,6 +7,7 @@ fixed policies at equal memory, long-context perplexity, and policy-map figures.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def parse_args(argv):
                    "in (0, 1] (default 0.7)")
     p.add_argument("--threshold", type=float, default=None, help="auto, paper profile: recovery threshold T in "
                    "(0, 1] (default 0.98; giving it selects --profile paper)")
+    p.add_argument("--calibration", metavar="FILE", default=None, help="auto, budget profile: spread the budget "
+                   "across layers by this calibration (python -m tinygen.eval.calibrate); default: the model "
+                   "directory's fastgen_calibration.json if there is one; 'none' spreads it evenly. With --sweep the "
+                   "even spread runs beside it")
     p.add_argument("--local-ratio", type=float, default=0.3, help="r_l in [0, 1] (fixed policies, paper profile)")
     p.add_argument("--frequent-ratio", type=float, default=0.3, help="r_f in [0, 1] (fixed policies, paper profile)")
     p.add_argument("--free-run", action="store_true", help="also decode each compressed cache freely to find where "
@@ -165,11 +170,18 @@ def run(a) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = load_model(a.model, device=device, dtype=a.dtype)
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    from tinygen.fastgen.budget import calibration_path, layer_budgets, read_calibration
+
     method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio, profile=a.profile, kv_budget=a.kv_budget)
+    calibration = calibration_path(a.model, a.calibration)
+    curves = read_calibration(calibration, model.cfg.n_layers) if calibration is not None else None
+    if curves is not None and a.policy == "auto" and a.profile == "budget":
+        method = dataclasses.replace(method, layer_budgets=layer_budgets(curves, method.kv_budget))
     stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
             "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
-            "free_run": a.free_run, "threads": torch.get_num_threads(), "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
+            "free_run": a.free_run, "threads": torch.get_num_threads(),
+            "calibration": str(calibration) if calibration is not None else None, "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
 
     if a.turns > 1:
         from tinygen.eval.turns_report import turns_eval, write_turns_report
@@ -203,7 +215,7 @@ def run(a) -> int:
             points = {k: v for k, v in (("kv_budgets", a.kv_budgets), ("thresholds", a.thresholds),
                                         ("floors", a.floors)) if v}
             records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
-                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, **points)
+                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, curves=curves, **points)
             meta["matching"] = matching
         else:
             records = run_methods(model, tok, prompts, [method], a.max_new_tokens, a.free_run)

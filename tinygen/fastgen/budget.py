@@ -155,9 +155,69 @@ class BudgetPlanner:
         rec = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, self.menu, c.stats.mean_attention())
                          for c in self.waiting])
         cost = torch.tensor([o.kept(L) / L for o in self.menu], dtype=torch.float64)
-        choice = allocate(rec, cost, self.kv_budget, self.floor)
+        if self.kv_budget >= 1:  # every token: only `full` keeps them all as the sequence grows (at short prompts a
+            # share of 0.95 rounds up to every token and would tie with it)
+            choice = [next(i for i, o in enumerate(self.menu) if o.policy & FULL)] * rec.shape[0]
+        else:
+            choice = allocate(rec, cost, self.kv_budget, self.floor)
         first.profile_seconds += time.perf_counter() - t0  # the allocation, counted once (each layer adds its own)
         heads = first.n_kv_heads
         for i, cache in enumerate(self.waiting):
             cache.compress([self.menu[j] for j in choice[i * heads : (i + 1) * heads]])
         self.waiting = []
+
+
+# ---- budgets per layer from a calibration (tinygen/eval/calibrate.py) ----
+
+def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU) -> tuple[float, ...]:
+    """Each layer's kept share from calibrated recovery curves, for a model-wide target of `kv_budget`.
+
+    curves: (n_layers, len(menu)), a layer's mean recovery of the generated tokens' attention under each option
+    (measured on calibration prompts). One price per kept token picks every layer's option (allocate, one row per
+    layer); a layer's budget is its option's share (1 for `full`), so the shares average to at most kv_budget. The
+    heads of a layer then keep that share, each in the shape its prompt's profile picks."""
+    cost = torch.tensor([1.0 if o.policy & FULL else o.local_ratio + o.frequent_ratio for o in menu],
+                        dtype=torch.float64)
+    return tuple(round(float(cost[i]), 4) for i in allocate(curves, cost, kv_budget))
+
+
+def read_calibration(path, n_layers: int, menu=MENU) -> torch.Tensor:
+    """The (n_layers, len(menu)) recovery curves of a calibration file; TinygenError if it does not fit the model."""
+    import json
+
+    from ..errors import TinygenError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+        labels, curves = data["menu"], torch.tensor(data["layer_recovery"], dtype=torch.float64)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TinygenError(f"cannot read the calibration {path}: {e}") from None
+    if labels != [o.label for o in menu]:
+        raise TinygenError(f"the calibration {path} was made for another option menu (rerun tinygen.eval.calibrate)")
+    if curves.shape != (n_layers, len(menu)):
+        raise TinygenError(f"the calibration {path} has curves of shape {tuple(curves.shape)}; this model needs "
+                           f"({n_layers}, {len(menu)}) (calibrate it: python -m tinygen.eval.calibrate)")
+    return curves
+
+
+CALIBRATION_FILE = "fastgen_calibration.json"  # beside the weights (written by python -m tinygen.eval.calibrate)
+
+
+def calibration_path(model_dir, given: str | None):
+    """The calibration to use: `given` ("none": none), else the model directory's file if there is one."""
+    from pathlib import Path
+
+    if given is not None:
+        return None if given == "none" else Path(given)
+    path = Path(model_dir) / CALIBRATION_FILE
+    return path if path.is_file() else None
+
+
+def with_calibration(cfg, path, n_layers: int):
+    """cfg with layer budgets from the calibration at `path` (None: cfg unchanged). Only the budget profile at a head
+    floor of 1 takes them; for anything else cfg comes back as it was."""
+    import dataclasses
+
+    if path is None or not cfg.budgeted or cfg.head_floor != 1:
+        return cfg
+    return dataclasses.replace(cfg, layer_budgets=layer_budgets(read_calibration(path, n_layers), cfg.kv_budget))

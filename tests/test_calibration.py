@@ -1,0 +1,91 @@
+"""Budgets per layer from a calibration: the allocation on hand-made curves, the calibration tool on a tiny model, and
+the command line taking the model directory's calibration (or none, or a bad one: a one-line error)."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, assert_one_line_error
+
+from tinygen.errors import TinygenError
+from tinygen.eval.calibrate import calibrate
+from tinygen.fastgen.budget import CALIBRATION_FILE, MENU, layer_budgets, read_calibration
+
+SHARE = torch.tensor([1.0 if o.label == "full" else o.local_ratio + o.frequent_ratio for o in MENU],
+                     dtype=torch.float64)  # each option's kept share
+
+
+def curves(*kinds):
+    """A layer's curve per kind: "flat" recovers everything at any share, "linear" recovers its share."""
+    return torch.stack([torch.ones_like(SHARE) if k == "flat" else SHARE.clone() for k in kinds])
+
+
+def test_layer_budgets_hand_cases():
+    # A flat layer gains nothing from tokens: it takes the smallest share and the others get the rest.
+    assert layer_budgets(curves("flat", "linear"), 0.5) == (0.05, 0.95)  # full (1.0) would pass the target
+    assert layer_budgets(curves("flat", "linear", "linear"), 0.7) == (0.05, 1.0, 1.0)
+    # A layer that saturates at 0.3 gets 0.3; the rest goes where it still buys recovery.
+    sat = torch.clamp(SHARE / 0.3, max=1.0)
+    got = layer_budgets(torch.stack([sat, SHARE]), 0.6)
+    assert got == (0.3, 0.9)
+
+
+def test_calibrate_tiny_model_curves_are_recoveries(tiny_model_dir):
+    from tinygen.loader import load_model
+
+    model = load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (20, 33)]
+    got, rows = calibrate(model, prompts, 6)
+    assert got.shape == (model.cfg.n_layers, len(MENU)) and rows == 12
+    labels = [o.label for o in MENU]
+    assert torch.allclose(got[:, labels.index("full")], torch.ones(model.cfg.n_layers, dtype=got.dtype))
+    assert ((got >= 0) & (got <= 1 + 1e-9)).all()
+    f = got[:, [labels.index(f"f{s:02d}") for s in range(5, 100, 5)]]
+    assert (f[:, 1:] >= f[:, :-1] - 1e-9).all()  # heavy-hitter sets are nested: more tokens never recover less
+    assert (f[:, 0] < 1).all()  # keeping 5% loses attention somewhere
+
+
+def test_read_calibration_checks_the_file(tmp_path):
+    good = {"menu": [o.label for o in MENU], "layer_recovery": curves("flat", "linear").tolist()}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(good))
+    assert torch.equal(read_calibration(path, 2), curves("flat", "linear"))
+    with pytest.raises(TinygenError, match=r"needs \(3, 39\)"):
+        read_calibration(path, 3)
+    path.write_text(json.dumps(dict(good, menu=good["menu"][:-1])))
+    with pytest.raises(TinygenError, match="another option menu"):
+        read_calibration(path, 2)
+    path.write_text("{not json")
+    with pytest.raises(TinygenError, match="cannot read the calibration"):
+        read_calibration(path, 2)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_cli_spreads_the_budget_by_the_model_directory_calibration(chat_model, tmp_path):
+    model = shutil.copytree(chat_model, tmp_path / "model")
+    (model / CALIBRATION_FILE).write_text(json.dumps({"menu": [o.label for o in MENU],
+                                                      "layer_recovery": curves("flat", "linear", "linear").tolist()}))
+    out = tmp_path / "stats.json"
+    args = ("--model", model, "--prompt", "tell me a long story about a dragon", "--max-new-tokens", 8,
+            "--ignore-eos", "--stats-json", out)
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["layer_budgets"] == [0.05, 1.0, 1.0] and stats["calibration"] == str(model / CALIBRATION_FILE)
+    assert [set(layer) for layer in stats["policies"]][1:] == [{"full"}, {"full"}]
+    assert all(p.endswith("r_f=0.05") or "r_l=0.025" in p for p in stats["policies"][0]), stats["policies"][0]
+    r = cli(*args, "--calibration", "none")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(out.read_text())
+    assert stats["layer_budgets"] is None and abs(stats["kept_fraction"] - 0.7) <= 0.05
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert_one_line_error(cli(*args, "--calibration", bad), "cannot read the calibration", code=1)
+    assert_one_line_error(cli(*args, "--calibration", bad, "--policy", "full"), "--calibration is for", code=2)

@@ -1,0 +1,112 @@
+"""python -m tinygen.eval.calibrate: measure, once per model, how much each layer needs of the budget.
+
+    python -m tinygen.eval.calibrate --model weights/SmolLM2-135M-Instruct          # -> MODEL/fastgen_calibration.json
+
+Why: on the default model, moving memory between heads by the prompt's own profile lost to an even split, every way
+it was tried (README, Evaluation): the prompt under-rates the layers whose generated tokens lean on the prompt. What
+the prompt does not say, generation on other prompts does. For each calibration prompt the full cache decodes
+greedily while recording caches (tinygen.eval.predict.RecordingCache) keep every layer's attention; for each layer,
+KV head and budget-menu option (tinygen.fastgen.budget.MENU) the recovery is the mean over generated rows of the
+attention on the prompt keys the option keeps at the end of prefill (ranked as the stores rank them: mean attention
+since arrival over every prompt row) plus the attention on generated tokens (they enter the cache). The file holds
+these recoveries averaged over prompts and a layer's heads: one curve per layer. At run time
+(tinygen.fastgen.budget.layer_budgets) one price per kept token spends --kv-budget across the layers by these
+curves, and the prompt's profile still picks each head's shape.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tinygen.cliutil import OneLineParser, run_main, write_json_atomic
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
+
+
+def layer_curves(prompt_attn: torch.Tensor, gen: torch.Tensor, menu) -> torch.Tensor:
+    """One layer of one prompt: (heads, options) recovery of the generated rows' attention under each option.
+    prompt_attn: (heads, L, L) the prefill's (group-averaged) attention; gen: (heads, R, N >= L) generated rows."""
+    from tinygen.eval.predict import actual_recovery, kept_masks
+    from tinygen.fastgen.budget import rank_key
+
+    L = prompt_attn.shape[1]
+    keep = kept_masks(rank_key(prompt_attn.sum(1), 0), menu)  # what each option's store keeps of the prompt
+    return actual_recovery(gen, L, keep)[0]
+
+
+def calibrate(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids=frozenset(), menu=None, log=None):
+    """(n_layers, len(menu)) recovery curves averaged over prompts and each layer's heads, and the generated rows."""
+    from tinygen.eval.predict import record
+    from tinygen.fastgen.budget import MENU
+
+    menu = MENU if menu is None else menu
+    total, used, rows = None, 0, 0
+    for n, ids in enumerate(prompt_ids, 1):
+        caches, _ = record(model, ids, max_new_tokens, eos_ids)
+        if not caches[0].gen_rows:  # EOS first: nothing generated to measure
+            continue
+        curves = torch.stack([layer_curves(c.prompt_attn, c.gen_attn(), menu).double().mean(0) for c in caches])
+        total = curves if total is None else total + curves
+        used, rows = used + 1, rows + len(caches[0].gen_rows)
+        if log:
+            log(f"[{n}/{len(prompt_ids)}] {len(ids)} prompt tokens, {len(caches[0].gen_rows)} generated rows")
+    if total is None:
+        from tinygen.errors import TinygenError
+        raise TinygenError("no calibration prompt generated a token (each ended with EOS at once)")
+    return total / used, rows
+
+
+def parse_args(argv):
+    p = OneLineParser(prog="python -m tinygen.eval.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--prompts", metavar="FILE", default=str(ROOT.parent / "shared" / "eval" / "mt_bench.jsonl"),
+                   help="JSONL or JSON list, through the chat template (default: MT-Bench first turns)")
+    p.add_argument("--limit", type=int, default=20, help="use the first N prompts (default 20)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default=None, help="output file (default MODEL/fastgen_calibration.json)")
+    a = p.parse_args(argv)
+    for ok, message in [(a.limit >= 1, "--limit must be at least 1"),
+                        (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+                        (a.threads >= 0, "--threads must be >= 0")]:
+        if not ok:
+            p.error(message)
+    return a
+
+
+def run(a) -> int:
+    from tinygen.eval.prompts import load_prompts
+    from tinygen.eval.sweep import encode_prompts
+    from tinygen.fastgen.budget import CALIBRATION_FILE, MENU
+    from tinygen.loader import load_model
+    from tinygen.tokenizer import Tokenizer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model = load_model(a.model, device="cpu", dtype="float32")
+    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    prompts = encode_prompts(tok, load_prompts(a.prompts, a.limit))
+    t0 = time.perf_counter()
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    curves, rows = calibrate(model, [p["ids"] for p in prompts], a.max_new_tokens, tok.eos_ids, MENU, log)
+    out = Path(a.out) if a.out else Path(a.model) / CALIBRATION_FILE
+    write_json_atomic(out, {
+        "model": Path(a.model).name, "prompts": Path(a.prompts).name, "limit": a.limit,
+        "max_new_tokens": a.max_new_tokens, "generated_rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+        "command": "python -m tinygen.eval.calibrate " + " ".join(sys.argv[1:]),
+        "menu": [o.label for o in MENU], "layer_recovery": curves.round(decimals=6).tolist()})
+    log(f"wrote {out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, str(ROOT))
+    return run_main(run, parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

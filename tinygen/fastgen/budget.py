@@ -25,13 +25,21 @@ it under-rates the late layers (17-24) whose generated tokens attend to the prom
 head keeps kv_budget, and the profile only chooses its shape (`frequent` or `local+frequent`). A head's choice then
 depends on nothing outside it, so each layer plans alone, right after its own prefill (`FastGenConfig.model_wide`).
 
+What the prompt does not tell, a calibration can: `python -m tinygen.eval.calibrate` measures once per model how
+much of the generated tokens' attention each option recovers in each layer, and `layer_budgets` spends kv_budget
+across the layers by those curves (the same price-per-token allocation, one row per layer). Each layer's heads then
+keep its share, in the shape their prompt's profile picks (`FastGenConfig.layer_budgets`).
+
 Budgets stay shares of the current length during decoding, so the kept fraction holds as the sequence grows.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -183,12 +191,10 @@ def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU) -> tuple[fl
 
 def read_calibration(path, n_layers: int, menu=MENU) -> torch.Tensor:
     """The (n_layers, len(menu)) recovery curves of a calibration file; TinygenError if it does not fit the model."""
-    import json
-
     from ..errors import TinygenError
 
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
         labels, curves = data["menu"], torch.tensor(data["layer_recovery"], dtype=torch.float64)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise TinygenError(f"cannot read the calibration {path}: {e}") from None
@@ -205,8 +211,6 @@ CALIBRATION_FILE = "fastgen_calibration.json"  # beside the weights (written by 
 
 def calibration_path(model_dir, given: str | None):
     """The calibration to use: `given` ("none": none), else the model directory's file if there is one."""
-    from pathlib import Path
-
     if given is not None:
         return None if given == "none" else Path(given)
     path = Path(model_dir) / CALIBRATION_FILE
@@ -216,8 +220,6 @@ def calibration_path(model_dir, given: str | None):
 def with_calibration(cfg, path, n_layers: int):
     """cfg with layer budgets from the calibration at `path` (None: cfg unchanged). Only the budget profile at a head
     floor of 1 takes them; for anything else cfg comes back as it was."""
-    import dataclasses
-
     if path is None or not cfg.budgeted or cfg.head_floor != 1:
         return cfg
     return dataclasses.replace(cfg, layer_budgets=layer_budgets(read_calibration(path, n_layers), cfg.kv_budget))

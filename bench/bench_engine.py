@@ -203,7 +203,9 @@ def report(args, machine: list[str], engines: list, results: dict, bw_gbs: float
               "| ratio | decode | prefill | goal (decode) |", "| --- | ---: | ---: | --- |"]
     goals = [("tinygen bfloat16", "HF bfloat16", ">= 2.0x"), ("tinygen float32", "HF float32", ">= 1.5x"),
              ("tinygen int8", "HF float32", ">= 3x"), ("tinygen int8", "tinygen bfloat16", ">= 1.6x"),
-             ("tinygen int4", "tinygen int8", ">= 1.3x"), ("tinygen int4", "HF bfloat16", "")]
+             ("tinygen int4", "tinygen int8", ">= 1.3x"), ("tinygen int4", "HF bfloat16", ""),
+             ("tinygen float32/int8", "HF float32", ">= 3x"), ("tinygen float32/int8", "tinygen bfloat16", ">= 1.6x"),
+             ("tinygen float32/int4", "tinygen float32/int8", ">= 1.3x")]
     for a, b, goal in goals:
         if a in results and b in results:
             ra, rb = results[a], results[b]

@@ -15,6 +15,9 @@ Method (also written beside the results):
   0-9 0.60 and the rest 0.75, `pyramid` (PyramidKV's shape) 0.85 down to 0.55 in steps per 5 layers, `inverse`
   the reverse, `recovery` the shares an allocation by the generated rows' attention recovery (eval_predict.json's
   per-head `c`, averaged per layer, `allocate` at 0.70) gives. Schedules are written for the 30-layer default model.
+  `--calibration FILE` adds `calibrated`: the layer budgets the file gives (tinygen.fastgen.budget.layer_budgets;
+  with its curves weighted by the layers' measured output sensitivity when the file has one, and no layer below
+  --floor x the budget, by default the file's layer_floor).
 - Figures are means over prompts; "KL vs uniform" is the mean of per-prompt differences with its standard error.
 """
 from __future__ import annotations
@@ -62,11 +65,16 @@ def parse_args():
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--kv-budget", type=float, default=0.7)
     p.add_argument("--schedules", default="uniform,late,early_low,pyramid,inverse,recovery")
+    p.add_argument("--calibration", help="also run the layer budgets this calibration file gives (weighted by its "
+                   "layer_sensitivity when it has one): schedule `calibrated`")
+    p.add_argument("--floor", type=float, default=None, help="with --calibration: no layer below floor x kv budget "
+                   "(default: the file's layer_floor)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default="eval_layer_budgets", help="file name stem (then _FIRST_LAST.md)")
     a = p.parse_args()
-    a.schedules = [s.strip() for s in a.schedules.split(",")]
-    bad = [s for s in a.schedules if s not in SCHEDULES]
+    a.schedules = [s.strip() for s in a.schedules.split(",")] + (["calibrated"] if a.calibration else [])
+    bad = [s for s in a.schedules if s not in SCHEDULES and s != "calibrated"]
     if bad or "uniform" not in a.schedules:
         p.error(f"--schedules: choose from {', '.join(SCHEDULES)}, uniform included")
     return a
@@ -78,6 +86,12 @@ def main():
     model = load_model(a.model, dtype="float32")
     assert model.cfg.n_layers == N_LAYERS, "the schedules are written for the 30-layer default model"
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    if a.calibration:
+        from tinygen.fastgen.budget import layer_budgets, read_calibration
+
+        curves, floor = read_calibration(a.calibration, N_LAYERS)
+        SCHEDULES["calibrated"] = layer_budgets(curves, a.kv_budget, floor=a.floor if a.floor is not None else floor)
+        print("calibrated:", SCHEDULES["calibrated"], f"mean {sum(SCHEDULES['calibrated']) / N_LAYERS:.4f}")
     prompts = encode_prompts(tok, load_prompts(a.prompts, a.start + a.limit)[a.start:])
     rows = {s: [] for s in a.schedules}  # per prompt: (agreement, KL, kept fraction)
     for n, p in enumerate(prompts, 1):
@@ -103,7 +117,7 @@ def main():
         se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         lines.append(f"| {name} | {kept:.3f} | {agree:.4f} | {kl:.4f} | {statistics.mean(diffs):+.4f} ± {se:.4f} |")
     print("\n".join(lines))
-    write_report(Path(a.out) / f"eval_layer_budgets_{a.start + 1}_{a.start + len(prompts)}.md", lines, __doc__)
+    write_report(Path(a.out) / f"{a.tag}_{a.start + 1}_{a.start + len(prompts)}.md", lines, __doc__)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from conftest import ROOT, assert_one_line_error
 
 from tinygen.errors import TinygenError
 from tinygen.eval.calibrate import calibrate
-from tinygen.fastgen.budget import CALIBRATION_FILE, MENU, layer_budgets, read_calibration
+from tinygen.fastgen.budget import CALIBRATION_FILE, MENU, layer_budgets, read_calibration, weigh_by_sensitivity
 
 SHARE = torch.tensor([1.0 if o.label == "full" else o.local_ratio + o.frequent_ratio for o in MENU],
                      dtype=torch.float64)  # each option's kept share
@@ -30,6 +30,22 @@ def test_layer_budgets_hand_cases():
     sat = torch.clamp(SHARE / 0.3, max=1.0)
     got = layer_budgets(torch.stack([sat, SHARE]), 0.6)
     assert got == (0.3, 0.9)
+    # A floor keeps every layer at or above floor x target: the flat layer gets half the target, not 0.05.
+    assert layer_budgets(curves("flat", "linear"), 0.5, floor=0.5) == (0.25, 0.75)
+
+
+def test_sensitivity_weighs_each_layer_by_the_kl_a_unit_of_recovery_closed():
+    """Weight = KL gain / recovery missing at the measured budget: two layers with the same curve (0.9 at 0.70)
+    and gains 0.02 and 0.005 get weights 0.2 and 0.05; a negative gain counts as none."""
+    c = torch.stack([torch.clamp(SHARE + 0.2, max=1.0)] * 3)  # recovery 0.9 at share 0.7
+    w = weigh_by_sensitivity(c, torch.tensor([0.02, 0.005, -0.01], dtype=torch.float64), 0.7)
+    torch.testing.assert_close(w[0], c[0] * 0.2)
+    torch.testing.assert_close(w[1], c[1] * 0.05)
+    assert (w[2] == 0).all()
+    # With curves that reward tokens alike, the more sensitive layer gets the memory.
+    lin = curves("linear", "linear")
+    b = layer_budgets(weigh_by_sensitivity(lin, torch.tensor([0.03, 0.01], dtype=torch.float64), 0.7), 0.5)
+    assert b[0] > b[1] and sum(b) <= 1.0 + 1e-9
 
 
 def test_calibrate_tiny_model_curves_are_recoveries(tiny_model_dir):
@@ -52,7 +68,15 @@ def test_read_calibration_checks_the_file(tmp_path):
     good = {"menu": [o.label for o in MENU], "layer_recovery": curves("flat", "linear").tolist()}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(good))
-    assert torch.equal(read_calibration(path, 2), curves("flat", "linear"))
+    assert torch.equal(read_calibration(path, 2)[0], curves("flat", "linear")) and read_calibration(path, 2)[1] == 0
+    path.write_text(json.dumps(dict(good, layer_sensitivity=[0.02, 0.01], sensitivity_budget=0.7, layer_floor=0.75)))
+    got, floor = read_calibration(path, 2)
+    assert floor == 0.75
+    torch.testing.assert_close(got, weigh_by_sensitivity(curves("flat", "linear"), torch.tensor([0.02, 0.01],
+                                                                                               dtype=torch.float64), 0.7))
+    path.write_text(json.dumps(dict(good, layer_sensitivity=[0.02], sensitivity_budget=0.7)))
+    with pytest.raises(TinygenError, match="1 layer sensitivities for 2 layers"):
+        read_calibration(path, 2)
     with pytest.raises(TinygenError, match=r"needs \(3, 39\)"):
         read_calibration(path, 3)
     path.write_text(json.dumps(dict(good, menu=good["menu"][:-1])))

@@ -174,9 +174,9 @@ def run(a) -> int:
 
     method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio, profile=a.profile, kv_budget=a.kv_budget)
     calibration = calibration_path(a.model, a.calibration)
-    curves = read_calibration(calibration, model.cfg.n_layers) if calibration is not None else None
+    curves = read_calibration(calibration, model.cfg.n_layers) if calibration is not None else None  # (curves, floor)
     if curves is not None and a.policy == "auto" and a.profile == "budget":
-        method = dataclasses.replace(method, layer_budgets=layer_budgets(curves, method.kv_budget))
+        method = dataclasses.replace(method, layer_budgets=layer_budgets(curves[0], method.kv_budget, floor=curves[1]))
     stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
             "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,

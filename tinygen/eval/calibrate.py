@@ -60,6 +60,23 @@ def calibrate(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids=f
     return total / used, rows
 
 
+def sensitivity(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, kv_budget: float, log=None):
+    """(n_layers,) the mean KL (nats) a full cache in each layer closes while every other layer keeps kv_budget
+    evenly (the layer repair of tinygen.eval.diagnose, teacher-forced along the full cache's greedy tokens)."""
+    from tinygen.eval.diagnose import layer_repair
+    from tinygen.eval.methods import Method
+    from tinygen.eval.runner import reference_run
+
+    method = Method("auto", profile="budget", kv_budget=kv_budget)
+    gains = []
+    for n, ids in enumerate(prompt_ids, 1):
+        res = layer_repair(model, tok, reference_run(model, ids, max_new_tokens, tok.eos_ids), method)
+        gains.append([x["kl_gain"] for x in res["layers"]])
+        if log:
+            log(f"[sensitivity {n}/{len(prompt_ids)}] KL {res['kl']:.4f}")
+    return torch.tensor(gains, dtype=torch.float64).mean(0)
+
+
 def parse_args(argv):
     p = OneLineParser(prog="python -m tinygen.eval.calibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -67,12 +84,20 @@ def parse_args(argv):
                    help="JSONL or JSON list, through the chat template (default: MT-Bench first turns)")
     p.add_argument("--limit", type=int, default=20, help="use the first N prompts (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sensitivity-prompts", type=int, default=0, metavar="N", help="also measure each layer's "
+                   "output sensitivity (KL a full cache there closes) on the first N prompts: 31 runs each")
+    p.add_argument("--sensitivity-budget", type=float, default=0.7, help="the even budget of that measurement")
+    p.add_argument("--layer-floor", type=float, default=0.75, help="no layer's budget below this share of the "
+                   "target (default 0.75: the allocation measured; written to the file)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output file (default MODEL/fastgen_calibration.json)")
     a = p.parse_args(argv)
     for ok, message in [(a.limit >= 1, "--limit must be at least 1"),
                         (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-                        (a.threads >= 0, "--threads must be >= 0")]:
+                        (a.threads >= 0, "--threads must be >= 0"),
+                        (0 <= a.layer_floor <= 1, "--layer-floor must be in [0, 1]"),
+                        (0 < a.sensitivity_budget < 1, "--sensitivity-budget must be in (0, 1)"),
+                        (0 <= a.sensitivity_prompts <= a.limit, "--sensitivity-prompts must be in [0, --limit]")]:
         if not ok:
             p.error(message)
     return a
@@ -93,12 +118,19 @@ def run(a) -> int:
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     curves, rows = calibrate(model, [p["ids"] for p in prompts], a.max_new_tokens, tok.eos_ids, MENU, log)
+    extra = {}
+    if a.sensitivity_prompts:
+        gains = sensitivity(model, tok, [p["ids"] for p in prompts[: a.sensitivity_prompts]], a.max_new_tokens,
+                            a.sensitivity_budget, log)
+        extra = {"layer_sensitivity": gains.round(decimals=6).tolist(), "sensitivity_budget": a.sensitivity_budget,
+                 "sensitivity_prompts": a.sensitivity_prompts}
     out = Path(a.out) if a.out else Path(a.model) / CALIBRATION_FILE
-    write_json_atomic(out, {
+    write_json_atomic(out, {**extra,
         "model": Path(a.model).name, "prompts": Path(a.prompts).name, "limit": a.limit,
         "max_new_tokens": a.max_new_tokens, "generated_rows": rows, "seconds": round(time.perf_counter() - t0, 1),
         "command": "python -m tinygen.eval.calibrate " + " ".join(sys.argv[1:]),
-        "menu": [o.label for o in MENU], "layer_recovery": curves.round(decimals=6).tolist()})
+        "layer_floor": a.layer_floor, "menu": [o.label for o in MENU],
+        "layer_recovery": curves.round(decimals=6).tolist()})
     log(f"wrote {out}")
     return 0
 

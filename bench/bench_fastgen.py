@@ -9,6 +9,9 @@ Method (also written beside the results):
   tokens in turn (so drifting background load hits all methods alike); the first round is warm-up; decode tok/s
   is the median over the other rounds. KV bytes are counted from the storage of the
   cache's tensors at the end (K, V, positions, scores, bitmaps), against a full cache of the same length.
+- Methods: full, the budget profile at 0.7 with every layer at the same share, the same spread across layers by the
+  model directory's calibration when it has one (`calibrated`, what cli.py's auto runs), the paper's profile at
+  T = 0.98 and 0.95, and local+frequent.
 - Profiling cost: prefill time with `auto` (the profile sums, policy choice, building the compressed stores)
   against prefill with the full cache (the same block-wise attention), alternating, median over
   1 + --prefill-runs at the shortest length (two at the longer lengths: the table's own prefill and one more).
@@ -29,6 +32,7 @@ from bench.common import load_average, machine_lines, prompt_ids, timed, write_a
 from tinygen.cache import full_kv_bytes  # noqa: E402
 from tinygen.cache import kept_fraction  # noqa: E402
 from tinygen.fastgen.cache import make_caches  # noqa: E402
+from tinygen.fastgen.budget import calibration_path, with_calibration  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
 from tinygen.generate import decode_step, prefill  # noqa: E402
 from tinygen.loader import load_model  # noqa: E402
@@ -90,6 +94,10 @@ def main():
     lengths = [int(x) for x in a.lengths.split(",")]
     model = load_model(a.model, a.device, a.dtype)
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    calibration = calibration_path(a.model, None)
+    if calibration is not None:  # the default auto: the budget spread across layers by the model's calibration
+        METHODS["auto budget=0.7 calibrated"] = with_calibration(METHODS["auto budget=0.7"], calibration,
+                                                                 model.cfg.n_layers)
     header = machine_lines() + [f"model {Path(a.model).name}, {a.dtype} on {a.device}; greedy, batch 1; decode: "
                                 f"median of {a.segments - 1} segments of {a.segment_steps} steps (first segment "
                                 f"excluded as warm-up); r_l = r_f = 0.3"]

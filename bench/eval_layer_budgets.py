@@ -87,10 +87,11 @@ def main():
     assert model.cfg.n_layers == N_LAYERS, "the schedules are written for the 30-layer default model"
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
     if a.calibration:
-        from tinygen.fastgen.budget import layer_budgets, read_calibration
+        from tinygen.fastgen.budget import read_calibration
 
-        curves, floor = read_calibration(a.calibration, N_LAYERS)
-        SCHEDULES["calibrated"] = layer_budgets(curves, a.kv_budget, floor=a.floor if a.floor is not None else floor)
+        cal = read_calibration(a.calibration, N_LAYERS)
+        cal = cal if a.floor is None else cal._replace(floor=a.floor)
+        SCHEDULES["calibrated"] = cal.budgets(a.kv_budget)
         print("calibrated:", SCHEDULES["calibrated"], f"mean {sum(SCHEDULES['calibrated']) / N_LAYERS:.4f}")
     prompts = encode_prompts(tok, load_prompts(a.prompts, a.start + a.limit)[a.start:])
     rows = {s: [] for s in a.schedules}  # per prompt: (agreement, KL, kept fraction)

@@ -108,12 +108,11 @@ def kept_share(cfg: FastGenConfig) -> float:
     protects special/punctuation tokens (or the paper's profile) may keep everything."""
     from .fastgen.budget import SHARES
 
+    menu_share = lambda b: min((s for s in SHARES if s >= b - 1e-9), default=1.0)  # noqa: E731  (smallest >= b)
     if cfg.budgeted and cfg.layer_budgets is not None:  # each layer's heads take the menu share at its budget
-        return sum(min((s for s in SHARES if s >= b - 1e-9), default=1.0) for b in cfg.layer_budgets) / len(
-            cfg.layer_budgets)
+        return sum(map(menu_share, cfg.layer_budgets)) / len(cfg.layer_budgets)
     if cfg.budgeted:
-        floor = cfg.head_floor * cfg.kv_budget
-        return min(1.0, max(cfg.kv_budget, min((s for s in SHARES if s >= floor - 1e-9), default=1.0)))
+        return min(1.0, max(cfg.kv_budget, menu_share(cfg.head_floor * cfg.kv_budget)))
     if cfg.fixed_policy is not None and not protected_kinds(cfg.fixed_policy):  # local and/or frequent
         return min(1.0, (cfg.local_ratio if cfg.fixed_policy & LOCAL else 0) +
                    (cfg.frequent_ratio if cfg.fixed_policy & FREQUENT else 0))

@@ -170,13 +170,13 @@ def run(a) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     model = load_model(a.model, device=device, dtype=a.dtype)
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    from tinygen.fastgen.budget import calibration_path, layer_budgets, read_calibration
+    from tinygen.fastgen.budget import calibration_path, read_calibration
 
     method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio, profile=a.profile, kv_budget=a.kv_budget)
     calibration = calibration_path(a.model, a.calibration)
-    curves = read_calibration(calibration, model.cfg.n_layers) if calibration is not None else None  # (curves, floor)
-    if curves is not None and a.policy == "auto" and a.profile == "budget":
-        method = dataclasses.replace(method, layer_budgets=layer_budgets(curves[0], method.kv_budget, floor=curves[1]))
+    cal = read_calibration(calibration, model.cfg.n_layers) if calibration is not None else None
+    if cal is not None and a.policy == "auto" and a.profile == "budget":
+        method = dataclasses.replace(method, layer_budgets=cal.budgets(method.kv_budget))
     stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
             "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
@@ -215,7 +215,7 @@ def run(a) -> int:
             points = {k: v for k, v in (("kv_budgets", a.kv_budgets), ("thresholds", a.thresholds),
                                         ("floors", a.floors)) if v}
             records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
-                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, curves=curves, **points)
+                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, calibration=cal, **points)
             meta["matching"] = matching
         else:
             records = run_methods(model, tok, prompts, [method], a.max_new_tokens, a.free_run)

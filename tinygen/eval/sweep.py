@@ -65,7 +65,7 @@ def summaries(records: list[dict]) -> list[dict]:
 
 def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRESHOLDS, kv_budgets=KV_BUDGETS,
           fixed=SWEEP_FIXED, local_ratio: float = 0.3, frequent_ratio: float = 0.3, run_free: bool = False,
-          floors=(), curves=None):
+          floors=(), calibration=None):
     """auto (budget profile) at each kv_budget and the paper's auto at each threshold, then each fixed policy with its
     ratio matched to the budget profile's mean kept fraction at each point. `floors`: extra budget-profile runs at
     these head floors (the default floor's run is the one fixed policies are matched to).
@@ -74,15 +74,12 @@ def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRES
     lengths; the matching needs nothing else, because a fixed policy without special/punct keeps a number of tokens
     that depends only on the ratio and the lengths.
 
-    curves: a calibration's (curves, floor) (read_calibration): the budget profile then runs with its layer budgets
-    (what the fixed policies are matched to) and, beside it, spread evenly."""
-    from ..fastgen.budget import layer_budgets
-
+    calibration (read_calibration): the budget profile then runs with its layer budgets (what the fixed policies are
+    matched to) and, beside it, spread evenly."""
     refs: dict = {}
     budgets = [Method("auto", profile="budget", kv_budget=b,
-                      layer_budgets=None if curves is None else layer_budgets(curves[0], b, floor=curves[1]))
-               for b in kv_budgets]
-    if curves is not None:  # the same budgets spread evenly, for comparison
+                      layer_budgets=None if calibration is None else calibration.budgets(b)) for b in kv_budgets]
+    if calibration is not None:  # the same budgets spread evenly, for comparison
         floors = (1.0, *[f for f in floors if f != 1.0])
     floored = [Method("auto", profile="budget", kv_budget=b, head_floor=f) for b in kv_budgets for f in floors]
     papers = [Method("auto", t, local_ratio, frequent_ratio, profile="paper") for t in thresholds]

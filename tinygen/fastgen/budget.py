@@ -40,6 +40,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -66,12 +67,16 @@ class Option:
         return min(length, math.ceil(self.local_ratio * length)) if self.policy & LOCAL else 0
 
     @property
+    def share(self) -> float:
+        """The share of the length it keeps: window plus heavy hitters (1 for `full`)."""
+        return 1.0 if self.policy & FULL else self.local_ratio + self.frequent_ratio
+
+    @property
     def label(self) -> str:
         """Short form for the policy map: f35 = frequent keeping 35%, h35 = local+frequent (half each), full."""
         if self.policy & FULL:
             return "full"
-        share = self.local_ratio + self.frequent_ratio
-        return f"{'h' if self.policy & LOCAL else 'f'}{round(100 * share):02d}"
+        return f"{'h' if self.policy & LOCAL else 'f'}{round(100 * self.share):02d}"
 
 
 MENU = tuple([Option(FREQUENT, 0.0, s) for s in SHARES] + [Option(LOCAL | FREQUENT, s / 2, s / 2) for s in SHARES]
@@ -185,24 +190,33 @@ def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU, floor: floa
     layer); a layer's budget is its option's share (1 for `full`), so the shares average to at most kv_budget. The
     heads of a layer then keep that share, each in the shape its prompt's profile picks. No layer goes below
     floor x kv_budget."""
-    cost = torch.tensor([1.0 if o.policy & FULL else o.local_ratio + o.frequent_ratio for o in menu],
-                        dtype=torch.float64)
+    cost = torch.tensor([o.share for o in menu], dtype=torch.float64)
     return tuple(round(float(cost[i]), 4) for i in allocate(curves, cost, kv_budget, floor))
 
 
 def weigh_by_sensitivity(curves: torch.Tensor, gains: torch.Tensor, budget: float, menu=MENU) -> torch.Tensor:
     """Curves in units of output fidelity: each layer's curve times what a unit of its recovery is worth, the KL a
     full cache there closed (gains, measured at an even `budget`) over the recovery it was missing at that budget."""
-    share = {i: o.local_ratio + o.frequent_ratio for i, o in enumerate(menu) if not o.policy & FULL}
+    share = {i: o.share for i, o in enumerate(menu) if not o.policy & FULL}
     nearest = min(share.values(), key=lambda s: abs(s - budget))
     at = [i for i, s in share.items() if abs(s - nearest) < 1e-9]  # the options at that budget (or the nearest)
     missing = (1 - curves[:, at].max(dim=1).values).clamp(min=1e-6)  # (n_layers,)
     return curves * (gains.clamp(min=0) / missing)[:, None]
 
 
-def read_calibration(path, n_layers: int, menu=MENU) -> tuple[torch.Tensor, float]:
-    """A calibration file's (n_layers, len(menu)) curves and layer floor, ready for layer_budgets; TinygenError if it
-    does not fit the model. Curves are the layers' recoveries, weighted by their output sensitivity where the file
+class Calibration(NamedTuple):
+    """A calibration file, read for one model: its (n_layers, len(menu)) curves, ready for layer_budgets, and the
+    floor (share of the budget) no layer goes below."""
+    curves: torch.Tensor
+    floor: float
+
+    def budgets(self, kv_budget: float) -> tuple[float, ...]:
+        """Each layer's share for a model-wide kv_budget."""
+        return layer_budgets(self.curves, kv_budget, floor=self.floor)
+
+
+def read_calibration(path, n_layers: int, menu=MENU) -> Calibration:
+    """A calibration file for a model of n_layers; TinygenError if it does not fit the model. Curves are the layers' recoveries, weighted by their output sensitivity where the file
     measured it (`layer_sensitivity` at `sensitivity_budget`: weigh_by_sensitivity)."""
     from ..errors import TinygenError
 
@@ -223,7 +237,7 @@ def read_calibration(path, n_layers: int, menu=MENU) -> tuple[torch.Tensor, floa
         if gains.shape != (n_layers,):
             raise TinygenError(f"the calibration {path} has {gains.numel()} layer sensitivities for {n_layers} layers")
         curves = weigh_by_sensitivity(curves, gains, float(data["sensitivity_budget"]), menu)
-    return curves, floor
+    return Calibration(curves, floor)
 
 
 CALIBRATION_FILE = "fastgen_calibration.json"  # beside the weights (written by python -m tinygen.eval.calibrate)
@@ -242,5 +256,4 @@ def with_calibration(cfg, path, n_layers: int):
     floor of 1 takes them; for anything else cfg comes back as it was."""
     if path is None or not cfg.budgeted or cfg.head_floor != 1:
         return cfg
-    curves, floor = read_calibration(path, n_layers)
-    return dataclasses.replace(cfg, layer_budgets=layer_budgets(curves, cfg.kv_budget, floor=floor))
+    return dataclasses.replace(cfg, layer_budgets=read_calibration(path, n_layers).budgets(cfg.kv_budget))

@@ -93,7 +93,7 @@ def main():
         cal = cal if a.floor is None else cal._replace(floor=a.floor)
         SCHEDULES["calibrated"] = cal.budgets(a.kv_budget)
         print("calibrated:", SCHEDULES["calibrated"], f"mean {sum(SCHEDULES['calibrated']) / N_LAYERS:.4f}")
-    prompts = encode_prompts(tok, load_prompts(a.prompts, a.start + a.limit)[a.start:])
+    prompts = encode_prompts(tok, load_prompts(a.prompts, a.limit, a.start))
     rows = {s: [] for s in a.schedules}  # per prompt: (agreement, KL, kept fraction)
     for n, p in enumerate(prompts, 1):
         ref = reference_run(model, p["ids"], a.max_new_tokens, tok.eos_ids)

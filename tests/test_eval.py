@@ -162,6 +162,9 @@ def test_prompt_files(tmp_path):
     js = tmp_path / "p.json"
     js.write_text(json.dumps([{"instruction": "a"}, {"prompt": "b"}]))
     assert [p["prompt"] for p in load_prompts(str(js), limit=1)] == ["a"]
+    assert load_prompts(str(jl), limit=1, start=1) == [{"id": 1, "prompt": "do"}]
+    with pytest.raises(TinygenError, match="no prompts from record 4 on"):
+        load_prompts(str(jl), start=3)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(TinygenError, match="line 2: no prompt"):

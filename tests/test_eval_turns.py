@@ -190,6 +190,9 @@ def test_conversation_files(tmp_path):
     f.write_text('{"question_id": 81, "turns": ["a", "b", "c"]}\n{"turns": ["d", "e"]}\n')
     assert load_conversations(str(f), 2) == [{"id": 81, "turns": ["a", "b"]}, {"id": 1, "turns": ["d", "e"]}]
     assert load_conversations(str(f), 2, limit=1) == [{"id": 81, "turns": ["a", "b"]}]
+    assert load_conversations(str(f), 2, start=1) == [{"id": 1, "turns": ["d", "e"]}]
+    with pytest.raises(TinygenError, match="no prompts from record 3 on"):
+        load_conversations(str(f), 2, start=2)
     with pytest.raises(TinygenError, match="line 2: 3 turns needed"):
         load_conversations(str(f), 3)
     f.write_text('{"turns": ["a", " "]}\n')

@@ -21,7 +21,8 @@ def parse_args(argv):
     p = OneLineParser(prog="python -m tinygen.eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", metavar="FILE", help="JSONL or JSON list; records with prompt, instruction or turns")
     p.add_argument("--long-context", metavar="FILE", help="UTF-8 text for long-context perplexity")
-    p.add_argument("--limit", type=int, help="use the first N prompts")
+    p.add_argument("--limit", type=int, help="use N prompts (default: all)")
+    p.add_argument("--start", type=int, default=0, metavar="K", help="skip the first K prompts (default 0)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt, or per turn with --turns")
     p.add_argument("--turns", type=int, default=1, help="N >= 2: conversations of the first N of each record's "
                    "'turns' (MT-Bench); the cache carries the conversation and each turn is scored (default 1)")
@@ -68,6 +69,7 @@ def parse_args(argv):
     a = p.parse_args(argv)
     checks = [(a.prompts or a.long_context, "give --prompts FILE and/or --long-context FILE"),
               (a.limit is None or a.limit >= 1, "--limit must be at least 1"),
+              (a.start >= 0, "--start must be >= 0"),
               (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
               (a.threshold is None or 0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
               (a.kv_budget is None or 0 < a.kv_budget <= 1, "--kv-budget must be in (0, 1]"),
@@ -153,9 +155,9 @@ def run(a) -> int:
     if a.turns > 1:  # bad input fails before the model loads
         from tinygen.eval.turns import load_conversations
 
-        prompts, convs = None, load_conversations(a.prompts, a.turns, a.limit)
+        prompts, convs = None, load_conversations(a.prompts, a.turns, a.limit, a.start)
     else:
-        prompts = load_prompts(a.prompts, a.limit) if a.prompts else None
+        prompts = load_prompts(a.prompts, a.limit, a.start) if a.prompts else None
     text = None
     if a.long_context:
         text = read_text(a.long_context)
@@ -179,7 +181,7 @@ def run(a) -> int:
         method = dataclasses.replace(method, layer_budgets=cal.budgets(method.kv_budget))
     stem = a.tag or ("eval_sweep" if a.sweep else f"eval_{a.policy.replace('+', '_')}")
     meta = {"model": str(a.model), "dtype": a.dtype, "device": device, "machine": machine(),
-            "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
+            "prompts_file": a.prompts, "start": a.start, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
             "free_run": a.free_run, "threads": torch.get_num_threads(),
             "calibration": str(calibration) if calibration is not None else None, "command": "python -m tinygen.eval " + " ".join(sys.argv[1:])}
 

@@ -82,7 +82,9 @@ def parse_args(argv):
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--prompts", metavar="FILE", default=str(ROOT.parent / "shared" / "eval" / "mt_bench.jsonl"),
                    help="JSONL or JSON list, through the chat template (default: MT-Bench first turns)")
-    p.add_argument("--limit", type=int, default=20, help="use the first N prompts (default 20)")
+    p.add_argument("--start", type=int, default=60, metavar="K", help="skip the first K prompts (default 60: MT-Bench "
+                   "61-80, outside the development set 1-40 and the held-out 41-60)")
+    p.add_argument("--limit", type=int, default=20, help="use N prompts (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sensitivity-prompts", type=int, default=0, metavar="N", help="also measure each layer's "
                    "output sensitivity (KL a full cache there closes) on the first N prompts: 31 runs each")
@@ -95,6 +97,7 @@ def parse_args(argv):
     for ok, message in [(a.limit >= 1, "--limit must be at least 1"),
                         (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
                         (a.threads >= 0, "--threads must be >= 0"),
+                        (a.start >= 0, "--start must be >= 0"),
                         (0 <= a.layer_floor <= 1, "--layer-floor must be in [0, 1]"),
                         (0 < a.sensitivity_budget < 1, "--sensitivity-budget must be in (0, 1)"),
                         (0 <= a.sensitivity_prompts <= a.limit, "--sensitivity-prompts must be in [0, --limit]")]:
@@ -110,11 +113,12 @@ def run(a) -> int:
     from tinygen.loader import load_model
     from tinygen.tokenizer import Tokenizer
 
+    records = load_prompts(a.prompts, a.limit, a.start)  # bad input fails before the model loads
     if a.threads:
         torch.set_num_threads(a.threads)
     model = load_model(a.model, device="cpu", dtype="float32")
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    prompts = encode_prompts(tok, load_prompts(a.prompts, a.limit))
+    prompts = encode_prompts(tok, records)
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     curves, rows = calibrate(model, [p["ids"] for p in prompts], a.max_new_tokens, tok.eos_ids, MENU, log)
@@ -126,7 +130,7 @@ def run(a) -> int:
                  "sensitivity_prompts": a.sensitivity_prompts}
     out = Path(a.out) if a.out else Path(a.model) / CALIBRATION_FILE
     write_json_atomic(out, {**extra,
-        "model": Path(a.model).name, "prompts": Path(a.prompts).name, "limit": a.limit,
+        "model": Path(a.model).name, "prompts": Path(a.prompts).name, "start": a.start, "limit": a.limit,
         "max_new_tokens": a.max_new_tokens, "generated_rows": rows, "seconds": round(time.perf_counter() - t0, 1),
         "command": "python -m tinygen.eval.calibrate " + " ".join(sys.argv[1:]),
         "layer_floor": a.layer_floor, "menu": [o.label for o in MENU],

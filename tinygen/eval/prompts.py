@@ -66,9 +66,13 @@ def record_id(record, index: int):
     return record.get("question_id", record.get("id", index)) if isinstance(record, dict) else index
 
 
-def load_prompts(path: str, limit: int | None = None) -> list[dict]:
-    """[{"id", "prompt"}] from a JSON list or JSON Lines file; ids are the record's question_id/id, else its index."""
+def load_prompts(path: str, limit: int | None = None, start: int = 0) -> list[dict]:
+    """[{"id", "prompt"}] from a JSON list or JSON Lines file, `limit` of them from record `start` (0-based); ids are
+    the record's question_id/id, else its index."""
     out = [{"id": record_id(rec, i), "prompt": prompt_of(rec, w)} for i, (rec, w) in enumerate(read_records(path))]
+    out = out[start:]
+    if not out:
+        raise TinygenError(f"{path}: no prompts from record {start + 1} on")
     return out[:limit] if limit else out
 
 

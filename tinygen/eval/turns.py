@@ -26,10 +26,14 @@ from .metrics import mean, step_metrics
 from .prompts import read_records, record_id
 
 
-def load_conversations(path: str, n_turns: int, limit: int | None = None) -> list[dict]:
-    """[{"id", "turns": [question, ...]}]: the first `n_turns` user messages of each record's `turns` (MT-Bench)."""
+def load_conversations(path: str, n_turns: int, limit: int | None = None, start: int = 0) -> list[dict]:
+    """[{"id", "turns": [question, ...]}]: the first `n_turns` user messages of each record's `turns` (MT-Bench),
+    `limit` records from record `start` (0-based)."""
     out = []
-    for i, (rec, where) in enumerate(read_records(path)):
+    records = read_records(path)
+    if start >= len(records):
+        raise TinygenError(f"{path}: no prompts from record {start + 1} on")
+    for i, (rec, where) in list(enumerate(records))[start:]:
         turns = rec.get("turns") if isinstance(rec, dict) else None
         if not isinstance(turns, list) or len(turns) < n_turns:
             raise TinygenError(f"{where}: {n_turns} turns needed (a 'turns' list of {n_turns} or more strings)")

@@ -163,11 +163,9 @@ def test_chat_in_a_real_terminal(default_model_dir, tmp_path):
         wait_for(lambda t: "> " in t and "tinygen chat" in t, "chat prompt")
         tmux("send-keys", "-t", name, "Count from one to a thousand.", "Enter")
         wait_for(lambda t: len(t.split("Count from one to a thousand.")[-1].strip()) > 40, "streamed answer")
-        # Still streaming: the pane or the cursor moves (the model may be writing blank lines, which only move it).
-        state = lambda: (pane(), tmux("display-message", "-p", "-t", name, "#{cursor_x},#{cursor_y}").stdout)
-        before = state()
-        time.sleep(1.0)
-        assert state() != before, "the answer keeps streaming"
+        # The answer cannot end by itself (--ignore-eos, 100000 tokens), and "[stopped]" is printed only when Ctrl-C
+        # interrupts an answer in progress. (The pane itself can stand still while the model writes special tokens,
+        # which are not shown: a check on it was flaky under load.)
         tmux("send-keys", "-t", name, "C-c")
         wait_for(lambda t: "[stopped]" in t, "stop notice")
         tmux("send-keys", "-t", name, "/stats", "Enter")

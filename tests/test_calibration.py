@@ -116,20 +116,21 @@ def test_cli_spreads_the_budget_by_the_model_directory_calibration(chat_model, t
 
 
 def test_calibrate_command_writes_a_calibration_the_cli_reads(chat_model, tmp_path):
-    """python -m tinygen.eval.calibrate with --sensitivity-prompts: one file with curves, one KL gain per layer and
-    the layer floor, which read_calibration takes for this model; bad flags are one-line errors."""
+    """python -m tinygen.eval.calibrate (sensitivity on every prompt by default): one file with curves, one KL gain
+    per layer and the layer floor, which read_calibration takes for this model; bad flags are one-line errors."""
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "tell me a story"}\n{"prompt": "count to ten"}\n')
     out = tmp_path / "cal.json"
     run = lambda *a: subprocess.run([sys.executable, "-m", "tinygen.eval.calibrate", "--model", chat_model,  # noqa: E731
                                      "--prompts", prompts, *map(str, a)], capture_output=True, text=True,
                                     timeout=300, cwd=ROOT)
-    r = run("--start", 0, "--limit", 2, "--max-new-tokens", 4, "--sensitivity-prompts", 1, "--out", out)
+    r = run("--start", 0, "--limit", 2, "--max-new-tokens", 4, "--out", out)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
     n_layers = len(data["layer_recovery"])
     assert len(data["layer_sensitivity"]) == n_layers and data["layer_floor"] == 0.75
     assert data["generated_rows"] == 8 and data["sensitivity_budget"] == 0.7 and data["start"] == 0
+    assert data["sensitivity_prompts"] == 2
     curves, floor = read_calibration(out, n_layers)
     assert curves.shape == (n_layers, len(MENU)) and floor == 0.75
     assert_one_line_error(run("--sensitivity-prompts", 3, "--limit", 2), "--sensitivity-prompts", code=2)

@@ -2,6 +2,9 @@
 
     python -m tinygen.eval.calibrate --model weights/SmolLM2-135M-Instruct          # -> MODEL/fastgen_calibration.json
 
+(MT-Bench 61-80 by default, outside the prompts the evaluation reports on; 38 minutes for the default model on one
+thread of this 2-core CPU, nearly all of it the sensitivity pass.)
+
 Why: on the default model, moving memory between heads by the prompt's own profile lost to an even split, every way
 it was tried (README, Evaluation): the prompt under-rates the layers whose generated tokens lean on the prompt. What
 the prompt does not say, generation on other prompts does. For each calibration prompt the full cache decodes
@@ -9,9 +12,11 @@ greedily while recording caches (tinygen.eval.predict.RecordingCache) keep every
 KV head and budget-menu option (tinygen.fastgen.budget.MENU) the recovery is the mean over generated rows of the
 attention on the prompt keys the option keeps at the end of prefill (ranked as the stores rank them: mean attention
 since arrival over every prompt row) plus the attention on generated tokens (they enter the cache). The file holds
-these recoveries averaged over prompts and a layer's heads: one curve per layer. At run time
-(tinygen.fastgen.budget.layer_budgets) one price per kept token spends --kv-budget across the layers by these
-curves, and the prompt's profile still picks each head's shape.
+these recoveries averaged over prompts and a layer's heads: one curve per layer, and each layer's output sensitivity:
+the KL to the full cache's next-token distribution that a full cache in that layer closes while every layer keeps
+0.7 (recovery alone did not track the output's fidelity). At run time (tinygen.fastgen.budget) the curves are weighed
+by the sensitivities, one price per kept token spends --kv-budget across the layers by them, and the prompt's
+profile still picks each head's shape.
 """
 from __future__ import annotations
 
@@ -86,14 +91,17 @@ def parse_args(argv):
                    "61-80, outside the development set 1-40 and the held-out 41-60)")
     p.add_argument("--limit", type=int, default=20, help="use N prompts (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sensitivity-prompts", type=int, default=0, metavar="N", help="also measure each layer's "
-                   "output sensitivity (KL a full cache there closes) on the first N prompts: 31 runs each")
+    p.add_argument("--sensitivity-prompts", type=int, default=None, metavar="N", help="measure each layer's output "
+                   "sensitivity (the KL a full cache there closes: 31 runs a prompt) on the first N prompts (default: "
+                   "all of them; 0 = recovery curves only, which did not beat the even split)")
     p.add_argument("--sensitivity-budget", type=float, default=0.7, help="the even budget of that measurement")
     p.add_argument("--layer-floor", type=float, default=0.75, help="no layer's budget below this share of the "
                    "target (default 0.75: the allocation measured; written to the file)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="output file (default MODEL/fastgen_calibration.json)")
     a = p.parse_args(argv)
+    if a.sensitivity_prompts is None:
+        a.sensitivity_prompts = a.limit
     for ok, message in [(a.limit >= 1, "--limit must be at least 1"),
                         (a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
                         (a.threads >= 0, "--threads must be >= 0"),

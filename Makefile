@@ -43,10 +43,11 @@ bench: setup weights
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_fastgen.py
 
-# auto (budget and paper profiles) against the full cache and the fixed policies at equal memory on 40 MT-Bench
-# first turns -> bench/results/eval_* (about 45 minutes on a 2-core CPU; all four budget points and thresholds, all
-# 80 prompts: make eval EVAL_ARGS="--max-new-tokens 64", several hours)
-EVAL_ARGS ?= --limit 40 --max-new-tokens 64 --kv-budgets 0.55,0.70 --thresholds 0.95,0.98 --floors 0.5
+# auto (calibrated, even split, the paper's profile) against the full cache and the fixed policies at equal memory
+# on the first 40 MT-Bench first turns -> bench/results/eval_sweep* (about 45 minutes on one core of this CPU; the
+# other two budget points: make eval EVAL_ARGS="--limit 40 --max-new-tokens 64 --kv-budgets 0.65,0.80
+# --thresholds 0.99 --tag eval_sweep_065_080")
+EVAL_ARGS ?= --limit 40 --max-new-tokens 64 --kv-budgets 0.55,0.70 --thresholds 0.95,0.98
 eval: setup weights
 	$(PY) -m tinygen.eval --prompts ../shared/eval/mt_bench.jsonl --sweep --threads 1 --out bench/results $(EVAL_ARGS)
 

@@ -44,7 +44,7 @@ bench: setup weights
 	$(PY) bench/bench_fastgen.py
 
 # auto (calibrated, even split, the paper's profile) against the full cache and the fixed policies at equal memory
-# on the first 40 MT-Bench first turns -> bench/results/eval_sweep* (about 45 minutes on one core of this CPU; the
+# on the first 40 MT-Bench first turns -> bench/results/eval_sweep* (about 30 minutes on one core of this CPU; the
 # other two budget points: make eval EVAL_ARGS="--limit 40 --max-new-tokens 64 --kv-budgets 0.65,0.80
 # --thresholds 0.99 --tag eval_sweep_065_080")
 EVAL_ARGS ?= --limit 40 --max-new-tokens 64 --kv-budgets 0.55,0.70 --thresholds 0.95,0.98

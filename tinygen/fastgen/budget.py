@@ -165,21 +165,22 @@ class BudgetPlanner:
             return
         t0 = time.perf_counter()
         first, L = self.waiting[0], self.waiting[0].length
-        # Options below the head floor are never chosen (allocate takes them off the menu): no recoveries for them.
-        # At a floor of 1 (each layer at its own budget) that leaves a few shares of the 39 options.
-        menu = [o for o in self.menu if o.kept(L) / L >= self.floor * self.kv_budget - 1e-9]
-        cost = torch.tensor([o.kept(L) / L for o in menu], dtype=torch.float64)
-        rec = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, menu, c.stats.mean_attention())
-                         for c in self.waiting])
+        cost = torch.tensor([o.kept(L) / L for o in self.menu], dtype=torch.float64)
+        # Options below the head floor are never chosen (allocate takes them off the menu): their recoveries are not
+        # computed. At a floor of 1 (each layer at its own budget) that is most of the 39 options.
+        on = (cost >= self.floor * self.kv_budget - 1e-9).nonzero().flatten().tolist()
+        rec = torch.full((len(self.waiting) * first.n_kv_heads, len(self.menu)), -1e9, device=first.stats.obs.device)
+        rec[:, on] = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, [self.menu[i] for i in on],
+                                                  c.stats.mean_attention()) for c in self.waiting])
         if self.kv_budget >= 1:  # every token: only `full` keeps them all as the sequence grows (at short prompts a
             # share of 0.95 rounds up to every token and would tie with it)
-            choice = [next(i for i, o in enumerate(menu) if o.policy & FULL)] * rec.shape[0]
+            choice = [next(i for i, o in enumerate(self.menu) if o.policy & FULL)] * rec.shape[0]
         else:
             choice = allocate(rec, cost, self.kv_budget, self.floor)
         first.profile_seconds += time.perf_counter() - t0  # the allocation, counted once (each layer adds its own)
         heads = first.n_kv_heads
         for i, cache in enumerate(self.waiting):
-            cache.compress([menu[j] for j in choice[i * heads : (i + 1) * heads]])
+            cache.compress([self.menu[j] for j in choice[i * heads : (i + 1) * heads]])
         self.waiting = []
 
 

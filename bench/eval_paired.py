@@ -22,14 +22,15 @@ sys.path.insert(0, str(ROOT))
 from tinygen.eval.turns_report import change  # noqa: E402
 
 
-def load(paths: list[str]) -> dict[str, list[dict]]:
-    """label -> that method's records in prompt order (each file's methods ran over the same prompts)."""
-    runs: dict[str, list[dict]] = {}
+def load(paths: list[str]) -> dict[tuple[str, str], list[dict]]:
+    """(file name, method label) -> that method's records in prompt order (a file's methods ran over the same
+    prompts)."""
+    runs: dict[tuple[str, str], list[dict]] = {}
     for path in paths:
         for line in Path(path).read_text(encoding="utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
-                runs.setdefault(f"{Path(path).name}: {r['method']['label']}", []).append(r)
+                runs.setdefault((Path(path).name, r["method"]["label"]), []).append(r)
     return runs
 
 
@@ -42,18 +43,18 @@ def main() -> int:
     a = p.parse_args()
     runs = load(a.files)
     kept = {k: sum(r["kept_fraction"] for r in rs) / len(rs) for k, rs in runs.items()}
-    for label, rs in runs.items():
-        if a.method not in label.split(": ", 1)[1]:
+    for (name, label), rs in runs.items():
+        if a.method not in label:
             continue
-        print(f"{label} (kept {kept[label]:.3f}, {len(rs)} prompts): this minus the other, mean ± standard error")
-        for other, os_ in runs.items():
-            same_file = other.split(": ")[0] == label.split(": ")[0]
-            if other == label or not same_file or abs(kept[other] - kept[label]) > a.tolerance:
+        print(f"{name}: {label} (kept {kept[name, label]:.3f}, {len(rs)} prompts): this minus the other, "
+              "mean ± standard error")
+        for (other_name, other), os_ in runs.items():
+            if other_name != name or other == label or abs(kept[name, other] - kept[name, label]) > a.tolerance:
                 continue
             assert [r["prompt_tokens"] for r in os_] == [r["prompt_tokens"] for r in rs], "runs over other prompts"
             kl = change(x["kl"] - y["kl"] for x, y in zip(rs, os_))
             agree = change(x["agreement"] - y["agreement"] for x, y in zip(rs, os_))
-            print(f"  vs {other.split(': ', 1)[1]:<28} (kept {kept[other]:.3f}): KL {kl['mean']:+.4f} ± {kl['sem']:.4f}, "
+            print(f"  vs {other:<28} (kept {kept[name, other]:.3f}): KL {kl['mean']:+.4f} ± {kl['sem']:.4f}, "
                   f"agreement {agree['mean']:+.4f} ± {agree['sem']:.4f}")
     return 0
 

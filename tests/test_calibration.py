@@ -77,6 +77,10 @@ def test_read_calibration_checks_the_file(tmp_path):
     path.write_text(json.dumps(dict(good, layer_sensitivity=[0.02], sensitivity_budget=0.7)))
     with pytest.raises(TinygenError, match="1 layer sensitivities for 2 layers"):
         read_calibration(path, 2)
+    no_budget = tmp_path / "no_budget.json"  # sensitivities without the budget they were measured at
+    no_budget.write_text(json.dumps(dict(good, layer_sensitivity=[0.02, 0.01])))
+    with pytest.raises(TinygenError, match="cannot read the calibration .*sensitivity_budget"):
+        read_calibration(no_budget, 2)
     with pytest.raises(TinygenError, match=r"needs \(3, 39\)"):
         read_calibration(path, 3)
     path.write_text(json.dumps(dict(good, menu=good["menu"][:-1])))

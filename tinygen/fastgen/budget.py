@@ -220,15 +220,17 @@ class Calibration(NamedTuple):
 
 
 def read_calibration(path, n_layers: int, menu=MENU) -> Calibration:
-    """A calibration file for a model of n_layers; TinygenError if it does not fit the model. Curves are the layers' recoveries, weighted by their output sensitivity where the file
-    measured it (`layer_sensitivity` at `sensitivity_budget`: weigh_by_sensitivity)."""
+    """A calibration file for a model of n_layers; TinygenError if it does not fit the model. Curves are the layers'
+    recoveries, weighted by their output sensitivity where the file measured it (`layer_sensitivity` at
+    `sensitivity_budget`: weigh_by_sensitivity)."""
     from ..errors import TinygenError
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         labels, curves = data["menu"], torch.tensor(data["layer_recovery"], dtype=torch.float64)
         gains = data.get("layer_sensitivity")
-        gains = None if gains is None else torch.tensor(gains, dtype=torch.float64)
+        if gains is not None:  # a file that measured sensitivity says at which budget
+            gains, at = torch.tensor(gains, dtype=torch.float64), float(data["sensitivity_budget"])
         floor = float(data.get("layer_floor", 0.0))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise TinygenError(f"cannot read the calibration {path}: {e}") from None
@@ -240,7 +242,7 @@ def read_calibration(path, n_layers: int, menu=MENU) -> Calibration:
     if gains is not None:
         if gains.shape != (n_layers,):
             raise TinygenError(f"the calibration {path} has {gains.numel()} layer sensitivities for {n_layers} layers")
-        curves = weigh_by_sensitivity(curves, gains, float(data["sensitivity_budget"]), menu)
+        curves = weigh_by_sensitivity(curves, gains, at, menu)
     return Calibration(curves, floor)
 
 

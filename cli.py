@@ -40,6 +40,9 @@ def parse_args(argv):
                    "paper's candidates that recovers --threshold)")
     p.add_argument("--kv-budget", type=float, default=None, metavar="F", help="auto: keep about this fraction of the "
                    "KV cache, in (0, 1] (default 0.7)")
+    p.add_argument("--shapes", choices=("local+frequent", "profile"), default=None, help="auto, budget profile: what "
+                   "each head keeps of its share: local+frequent (half recent window, half heavy hitters; the "
+                   "default) or profile (the prompt's profile picks frequent or local+frequent per head)")
     p.add_argument("--calibration", metavar="FILE", default=None, help="auto, budget profile: spread --kv-budget "
                    "across layers by this calibration (python -m tinygen.eval.calibrate); default: the model "
                    "directory's fastgen_calibration.json if there is one; 'none' spreads it evenly")
@@ -103,11 +106,12 @@ def parse_args(argv):
                   "profile takes --threshold"),
                  (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget "
                   "profile"),
+                 (a.shapes is not None and not budgeted, "--shapes is for --policy auto with the budget profile"),
                  (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile "
                   "takes --kv-budget"),
                  (budgeted and (a.local_ratio is not None or a.frequent_ratio is not None), "--local-ratio and "
-                  "--frequent-ratio are for fixed policies and --profile paper; the budget profile chooses them per "
-                  "head")]
+                  "--frequent-ratio are for fixed policies and --profile paper; the budget profile sets them from "
+                  "--kv-budget")]
     for bad, message in conflicts:
         if bad:
             p.error(message)
@@ -136,7 +140,7 @@ def run(a) -> int:
     from tinygen.tokenizer import StreamDecoder, Tokenizer
 
     given = {"kv_budget": a.kv_budget, "threshold": a.threshold, "local_ratio": a.local_ratio,
-             "frequent_ratio": a.frequent_ratio}
+             "frequent_ratio": a.frequent_ratio, "shapes": a.shapes}
     fastgen = FastGenConfig(a.policy, a.profile, **{k: x for k, x in given.items() if x is not None})
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     # A prompts file decodes up to --batch sequences per step: the CPU weights take the layout batches read fastest.
@@ -202,6 +206,7 @@ def run(a) -> int:
         "policy": a.policy,
         "profile": a.profile if a.policy == "auto" else None,
         "kv_budget": fastgen.kv_budget if fastgen.budgeted else None,
+        "shapes": fastgen.shapes if fastgen.budgeted else None,
         "calibration": str(calibration) if fastgen.layer_budgets else None,
         "layer_budgets": list(fastgen.layer_budgets) if fastgen.layer_budgets else None,
         "stop_reason": stats.stop_reason,

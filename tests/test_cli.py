@@ -51,6 +51,9 @@ def test_auto_keeps_the_default_budget_and_reports_kept_bytes(chat_model, tmp_pa
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
     assert stats["policy"] == "auto" and stats["profile"] == "budget" and stats["kv_budget"] == 0.7
+    assert stats["shapes"] == "local+frequent"
+    names = {p for layer in stats["policies"] for p in layer}
+    assert all(n == "full" or n.startswith("frequent+local r_l=") for n in names), names
     assert abs(stats["kept_fraction"] - 0.7) <= 0.02  # the budget profile keeps within 0.02 of the budget
     # kept bytes are the kept tokens' K+V: the kept fraction of a full cache's (kept_fraction is rounded to 6 places)
     assert stats["kv_bytes_kept"] / stats["kv_bytes_full"] == pytest.approx(stats["kept_fraction"], abs=1e-6)
@@ -162,10 +165,10 @@ def test_ctrl_c_keeps_text_prints_stats_exits_130(default_model_dir):
 def test_budget_profile_keeps_about_kv_budget_and_maps_each_head(chat_model, tmp_path):
     out = tmp_path / "stats.json"
     r = cli("--model", chat_model, "--prompt", "tell me a long story about a dragon", "--max-new-tokens", 12,
-            "--ignore-eos", "--profile", "budget", "--kv-budget", "0.5", "--stats-json", out)
+            "--ignore-eos", "--profile", "budget", "--kv-budget", "0.5", "--shapes", "profile", "--stats-json", out)
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
-    assert stats["profile"] == "budget" and stats["kv_budget"] == 0.5
+    assert stats["profile"] == "budget" and stats["kv_budget"] == 0.5 and stats["shapes"] == "profile"
     assert abs(stats["kept_fraction"] - 0.5) <= 0.05  # a ~40-token prompt: ceilings are coarse
     names = [p for layer in stats["policies"] for p in layer]
     assert all(n == "full" or n.startswith(("frequent r_l=0 ", "frequent+local r_l=")) for n in names), names
@@ -180,7 +183,10 @@ def test_budget_profile_keeps_about_kv_budget_and_maps_each_head(chat_model, tmp
     (["--kv-budget", "0.5", "--threshold", "0.9"], "not both"),
     (["--kv-budget", "0.5", "--profile", "paper"], "--kv-budget is for --profile budget"),
     (["--profile", "budget", "--threshold", "0.9"], "--threshold is for --profile paper"),
-    (["--profile", "budget", "--local-ratio", "0.2"], "chooses them per head"),
+    (["--profile", "budget", "--local-ratio", "0.2"], "sets them from --kv-budget"),
+    (["--shapes", "profile", "--policy", "local+frequent"], "--shapes is for --policy auto with the budget profile"),
+    (["--shapes", "profile", "--threshold", "0.9"], "--shapes is for --policy auto with the budget profile"),
+    (["--shapes", "frequent"], "--shapes"),
     (["--profile", "greedy"], "--profile"),
 ])
 def test_budget_flags_bad_input(chat_model, args, fragment):

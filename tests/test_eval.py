@@ -186,6 +186,8 @@ def test_bad_input_is_one_line(tmp_path):
                            (["--prompts", empty], "no prompt"),
                            (["--prompts", broken, "--threshold", "1.5"], "--threshold"),
                            (["--prompts", broken, "--policy", "nearby"], "unknown policy"),
+                           (["--prompts", broken, "--shapes", "profile", "--threshold", "0.9"], "--shapes is for"),
+                           (["--prompts", broken, "--shapes", "profile", "--policy", "local"], "--shapes is for"),
                            ([], "give --prompts")]:
         assert_one_line_error(run_eval(*args), fragment)
 

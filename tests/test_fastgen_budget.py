@@ -14,7 +14,7 @@ from tinygen.cache import kept_fraction
 from tinygen.fastgen.budget import MENU, Option, allocate, option_recoveries, rank_key
 from tinygen.fastgen.cache import fastgen_caches
 from tinygen.fastgen.kinds import TokenKinds, vocab_kinds
-from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, FastGenConfig
+from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, SHAPES, FastGenConfig
 from tinygen.generate import generate
 
 
@@ -105,7 +105,8 @@ def test_budget_stores_per_head_ratios_300_steps(device, force_options):
                Option(FREQUENT, 0, 0.55)]
     assert all(o in MENU for o in options)
     force_options(options)
-    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, head_floor=0.0, growth_block=4)
+    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, head_floor=0.0, growth_block=4,
+                        shapes="profile")
     cache, ref = run(cfg, device, steps=300, seed=4)
     assert cache.options == options and len(cache.stores) == 4
     for s in cache.stores:
@@ -120,7 +121,8 @@ def test_budget_stores_per_head_ratios_300_steps(device, force_options):
 def test_budget_profile_keeps_what_it_promised(device, kv_budget):
     """Unpatched: the set each head stores at prefill recovers exactly the observation attention its option was
     chosen for, and the layer keeps about kv_budget of the tokens."""
-    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, observation=12, head_floor=0.0, growth_block=4)
+    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, observation=12, head_floor=0.0, growth_block=4,
+                        shapes="profile")
     cache, ref = run(cfg, device, steps=0, seed=9)
     L, first = L0, L0 - 12
     mask = resident(cache, L)
@@ -143,6 +145,46 @@ def test_default_floor_keeps_every_head_at_the_budget(device):
     assert {o.local_ratio + o.frequent_ratio for o in cache.options} == {0.5}
 
 
+@pytest.mark.parametrize("kv_budget", [0.55, 0.8])
+def test_default_shape_is_the_fixed_local_frequent_policy(tiny_model_dir, monkeypatch, kv_budget):
+    """The default shape at a floor of 1 keeps, in every head, what the fixed local+frequent policy keeps at
+    r_l = r_f = kv_budget / 2: the same logits at every step, bit for bit. Nothing is left to choose, so the
+    planner computes no recoveries."""
+    from tinygen.generate import decode_step, prefill
+    from tinygen.loader import load_model
+
+    model = load_model(tiny_model_dir)
+    c = model.cfg
+    L, steps = 41, 24
+    ids = torch.randint(3, c.vocab_size, (L + steps,), generator=torch.Generator().manual_seed(7)).tolist()
+    monkeypatch.setattr(budget, "option_recoveries", lambda *a, **k: pytest.fail("recoveries computed"))
+    runs = []
+    for cfg in (FastGenConfig(kv_budget=kv_budget, observation=8),
+                FastGenConfig("local+frequent", local_ratio=kv_budget / 2, frequent_ratio=kv_budget / 2)):
+        kinds = TokenKinds([0] * c.vocab_size, L + steps, torch.device("cpu"))
+        caches = fastgen_caches(model, kinds, cfg, L + steps)
+        kinds.append(ids[:L])
+        logits = [prefill(model, ids[:L], caches)]
+        for pos in range(L, L + steps - 1):  # teacher-forced along the same tokens
+            kinds.append([ids[pos]])
+            logits.append(decode_step(model, torch.tensor([ids[pos]]), caches, pos))
+        runs.append((torch.stack(logits), [x.kept_tokens() for x in caches], caches))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    assert {o.label for x in runs[0][2] for o in x.options} == {f"h{round(100 * kv_budget)}"}
+
+
+def test_shapes_choose_the_menu():
+    from tinygen.errors import TinygenError
+    from tinygen.fastgen.budget import shape_menu
+
+    assert shape_menu("profile") == MENU
+    assert {o.policy for o in shape_menu("local+frequent")} == {LOCAL | FREQUENT, FULL}
+    assert len(shape_menu("local+frequent")) == 20
+    with pytest.raises(TinygenError, match="--shapes must be one of"):
+        FastGenConfig(shapes="frequent")
+
+
 @pytest.mark.parametrize("kv_budget", [0.5, 0.7])
 def test_kept_fraction_holds_over_a_generation(engine, kv_budget):  # noqa: F811
     model, tok = engine
@@ -160,11 +202,12 @@ def test_kept_fraction_holds_over_a_generation(engine, kv_budget):  # noqa: F811
     assert len(opts) > 3, "heads got different budgets"
 
 
+@pytest.mark.parametrize("shapes", SHAPES)
 @pytest.mark.parametrize("kv_budget", [0.3, 0.5, 0.73])
-def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model_dir, kv_budget):
+def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model_dir, kv_budget, shapes):
     """At the default floor of 1 each layer compresses right after its own prefill (no prompt K/V waits for other
     layers) and its heads get the options one planner for the whole model gives them; below 1 every layer waits."""
-    from tinygen.fastgen.budget import BudgetPlanner
+    from tinygen.fastgen.budget import BudgetPlanner, shape_menu
     from tinygen.fastgen.cache import FastGenCache
     from tinygen.generate import prefill
     from tinygen.loader import load_model
@@ -176,12 +219,12 @@ def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model
         ids = torch.randint(3, c.vocab_size, (L,), generator=g).tolist()
         options = []
         for floor, shared in ((1.0, False), (1.0, True), (0.5, True)):
-            cfg = FastGenConfig(kv_budget=kv_budget, head_floor=floor, observation=8)
+            cfg = FastGenConfig(kv_budget=kv_budget, head_floor=floor, observation=8, shapes=shapes)
             assert cfg.model_wide == (floor < 1)
             kinds = TokenKinds([0] * c.vocab_size, L + 1, torch.device("cpu"))
             kinds.append(ids)
             if shared:  # one planner for every layer, whatever the floor
-                planner = BudgetPlanner(c.n_layers, kv_budget, floor)
+                planner = BudgetPlanner(c.n_layers, kv_budget, floor, shape_menu(shapes))
                 caches = [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, L + 1, kinds, cfg, planner)
                           for _ in range(c.n_layers)]
             else:

@@ -53,7 +53,7 @@ def test_triton_fastgen_per_head_ratios(device, kernel_path, force_options):  # 
     """The budget profile's per-head ratios: four stores, the `full` one between `frequent` ones in head order."""
     force_options([Option(FREQUENT, 0, 0.2), Option(FULL), Option(LOCAL | FREQUENT, 0.15, 0.15),
                    Option(FREQUENT, 0, 0.55)])
-    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, growth_block=4)
+    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, growth_block=4, shapes="profile")
     cache, ref = run(cfg, device, steps=100, seed=4)
     assert len(cache.stores) == 4 and cache.rows.n_frequent == 3 and ref.grew > 0
 

@@ -47,6 +47,8 @@ def parse_args(argv):
                    "in (0, 1] (default 0.7)")
     p.add_argument("--threshold", type=float, default=None, help="auto, paper profile: recovery threshold T in "
                    "(0, 1] (default 0.98; giving it selects --profile paper)")
+    p.add_argument("--shapes", choices=("local+frequent", "profile"), default=None, help="auto, budget profile: "
+                   "each head keeps its share as local+frequent (default) or in the shape its prompt's profile picks")
     p.add_argument("--calibration", metavar="FILE", default=None, help="auto, budget profile: spread the budget "
                    "across layers by this calibration (python -m tinygen.eval.calibrate); default: the model "
                    "directory's fastgen_calibration.json if there is one; 'none' spreads it evenly. With --sweep the "
@@ -80,6 +82,8 @@ def parse_args(argv):
                "paper's profile takes --threshold"),
               (not (a.threshold is not None and a.profile == "budget"), "--threshold is for --profile paper; the "
                "budget profile takes --kv-budget"),
+              (a.shapes is None or (a.policy == "auto" and a.profile != "paper" and a.threshold is None),
+               "--shapes is for --policy auto with the budget profile"),
               (0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
               (0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]"),
               (a.ctx >= 2, "--ctx must be at least 2"),
@@ -120,6 +124,7 @@ def parse_args(argv):
         a.profile = "paper" if a.threshold is not None else FastGenConfig.profile
     a.threshold = FastGenConfig.threshold if a.threshold is None else a.threshold
     a.kv_budget = FastGenConfig.kv_budget if a.kv_budget is None else a.kv_budget
+    a.shapes = FastGenConfig.shapes if a.shapes is None else a.shapes
 
     if a.turns > 1:
         text = "frequent,local+frequent" if a.fixed is None and a.policy == "auto" else (a.fixed or "none")
@@ -174,7 +179,8 @@ def run(a) -> int:
     tok = Tokenizer(a.model, model.cfg.eos_token_ids)
     from tinygen.fastgen.budget import calibration_path, read_calibration
 
-    method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio, profile=a.profile, kv_budget=a.kv_budget)
+    method = Method(a.policy, a.threshold, a.local_ratio, a.frequent_ratio, profile=a.profile, kv_budget=a.kv_budget,
+                    shapes=a.shapes)
     calibration = calibration_path(a.model, a.calibration)
     cal = read_calibration(calibration, model.cfg.n_layers) if calibration is not None else None
     if cal is not None and a.policy == "auto" and a.profile == "budget":
@@ -217,7 +223,8 @@ def run(a) -> int:
             points = {k: v for k, v in (("kv_budgets", a.kv_budgets), ("thresholds", a.thresholds),
                                         ("floors", a.floors)) if v}
             records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
-                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, calibration=cal, **points)
+                                      frequent_ratio=a.frequent_ratio, run_free=a.free_run, calibration=cal,
+                                      shapes=a.shapes, **points)
             meta["matching"] = matching
         else:
             records = run_methods(model, tok, prompts, [method], a.max_new_tokens, a.free_run)

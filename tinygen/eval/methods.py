@@ -26,6 +26,7 @@ class Method:
     kv_budget: float = 0.7
     head_floor: float = FastGenConfig.head_floor  # budget profile: no head below this share of kv_budget
     layer_budgets: tuple[float, ...] | None = None  # budget profile: each layer's share (from a calibration)
+    shapes: str = FastGenConfig.shapes  # budget profile: local+frequent, or the shape each head's profile picks
 
     @property
     def point(self) -> float:
@@ -43,21 +44,22 @@ class Method:
                 return f"auto T={self.threshold:g}"
             floor = "" if self.head_floor == FastGenConfig.head_floor else f" floor={self.head_floor:g}"
             calibrated = " calibrated" if self.layer_budgets else ""
-            return f"auto budget={self.kv_budget:g}{floor}{calibrated}"
+            shapes = "" if self.shapes == FastGenConfig.shapes else f" shapes={self.shapes}"
+            return f"auto budget={self.kv_budget:g}{floor}{calibrated}{shapes}"
         if self.policy == "full":
             return "full"
         return f"{self.policy} r={self.ratio:.3f}"
 
     def fastgen_config(self) -> FastGenConfig:
         return FastGenConfig(self.policy, self.profile, self.kv_budget, head_floor=self.head_floor,
-                             layer_budgets=self.layer_budgets,
+                             layer_budgets=self.layer_budgets, shapes=self.shapes,
                              threshold=self.threshold, local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
 
     def to_json(self) -> dict:
         d = {"policy": self.policy, "label": self.label}
         if self.policy == "auto" and self.profile == "budget":
             d.update(profile="budget", kv_budget=self.kv_budget, head_floor=self.head_floor,
-                     layer_budgets=list(self.layer_budgets) if self.layer_budgets else None)
+                     layer_budgets=list(self.layer_budgets) if self.layer_budgets else None, shapes=self.shapes)
         elif self.policy == "auto":
             d.update(profile="paper", threshold=self.threshold, local_ratio=self.local_ratio,
                      frequent_ratio=self.frequent_ratio)

@@ -45,6 +45,8 @@ def sweep_plot(sums: list[dict], path: Path, title: str = ""):
             name = f"auto (budget, head floor {m['head_floor']:g})"
         elif m.get("layer_budgets"):
             name = "auto (budget, calibrated)"
+        if m.get("shapes") == "profile":  # heads in the shape their prompt's profile picks
+            name = name[:-1] + ", profile shapes)"
         lines.setdefault(name, []).append((x["kept_fraction"]["mean"], x["agreement"]["mean"], x["kl"]["mean"], m))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, pts in lines.items():

@@ -5,6 +5,7 @@ import sys
 import time
 from collections import Counter
 
+from ..fastgen.policy import FastGenConfig
 from .methods import SINKS, Method, match_ratio, with_ratio
 from .metrics import summarize
 from .runner import evaluate, reference_run
@@ -65,7 +66,7 @@ def summaries(records: list[dict]) -> list[dict]:
 
 def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRESHOLDS, kv_budgets=KV_BUDGETS,
           fixed=SWEEP_FIXED, local_ratio: float = 0.3, frequent_ratio: float = 0.3, run_free: bool = False,
-          floors=(), calibration=None):
+          floors=(), calibration=None, shapes: str = FastGenConfig.shapes):
     """auto (budget profile) at each kv_budget and the paper's auto at each threshold, then each fixed policy with its
     ratio matched to the budget profile's mean kept fraction at each point. `floors`: extra budget-profile runs at
     these head floors (the default floor's run is the one fixed policies are matched to).
@@ -77,11 +78,12 @@ def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRES
     calibration (read_calibration): the budget profile then runs with its layer budgets (what the fixed policies are
     matched to) and, beside it, spread evenly."""
     refs: dict = {}
-    budgets = [Method("auto", profile="budget", kv_budget=b,
+    budgets = [Method("auto", profile="budget", kv_budget=b, shapes=shapes,
                       layer_budgets=None if calibration is None else calibration.budgets(b)) for b in kv_budgets]
     if calibration is not None:  # the same budgets spread evenly, for comparison
         floors = (1.0, *[f for f in floors if f != 1.0])
-    floored = [Method("auto", profile="budget", kv_budget=b, head_floor=f) for b in kv_budgets for f in floors]
+    floored = [Method("auto", profile="budget", kv_budget=b, head_floor=f, shapes=shapes) for b in kv_budgets
+               for f in floors]
     papers = [Method("auto", t, local_ratio, frequent_ratio, profile="paper") for t in thresholds]
     records = run_methods(model, tok, prompts, budgets + floored + papers, max_new_tokens, run_free, "auto ", refs)
     lengths = {}

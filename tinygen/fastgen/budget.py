@@ -22,13 +22,16 @@ What was measured (README, "The budget profile"): on SmolLM2-135M the profile's 
 fidelity disagree. Every floor below 1 (memory moved between heads, model-wide or within each layer) lost to the
 same memory spread evenly; the observation window predicts which heads need more better than all prompt rows, but
 it under-rates the late layers (17-24) whose generated tokens attend to the prompt. So the default floor is 1: every
-head keeps kv_budget, and the profile only chooses its shape (`frequent` or `local+frequent`). A head's choice then
-depends on nothing outside it, so each layer plans alone, right after its own prefill (`FastGenConfig.model_wide`).
+head keeps kv_budget. A head's choice then depends on nothing outside it, so each layer plans alone, right after its
+own prefill (`FastGenConfig.model_wide`). Left to choose is the shape: `FastGenConfig.shapes = "profile"` lets the
+prompt pick `frequent` or `local+frequent` per head; the default, "local+frequent", gives every head half recent
+window, half heavy hitters, which measured better (the profile picks `frequent` for most heads, and generated
+tokens need the window), and then there is nothing to plan: no recoveries are computed.
 
 What the prompt does not tell, a calibration can: `python -m tinygen.eval.calibrate` measures once per model how
 much of the generated tokens' attention each option recovers in each layer, and `layer_budgets` spends kv_budget
 across the layers by those curves (the same price-per-token allocation, one row per layer). Each layer's heads then
-keep its share, in the shape their prompt's profile picks (`FastGenConfig.layer_budgets`).
+keep its share, in the default shape or the one their prompt's profile picks (`FastGenConfig.layer_budgets`).
 
 Budgets stay shares of the current length during decoding, so the kept fraction holds as the sequence grows.
 """
@@ -81,6 +84,12 @@ class Option:
 
 MENU = tuple([Option(FREQUENT, 0.0, s) for s in SHARES] + [Option(LOCAL | FREQUENT, s / 2, s / 2) for s in SHARES]
              + [Option(FULL)])
+
+
+def shape_menu(shapes: str) -> tuple[Option, ...]:
+    """The options a head may take (FastGenConfig.shapes): "profile", the whole menu (the prompt's profile picks
+    frequent or local+frequent); "local+frequent", only its local+frequent options and full."""
+    return MENU if shapes == "profile" else tuple(o for o in MENU if o.policy & (LOCAL | FULL))
 
 
 def rank_key(obs: torch.Tensor, obs_start: int) -> torch.Tensor:
@@ -165,17 +174,23 @@ class BudgetPlanner:
             return
         t0 = time.perf_counter()
         first, L = self.waiting[0], self.waiting[0].length
+        n = len(self.waiting) * first.n_kv_heads
         cost = torch.tensor([o.kept(L) / L for o in self.menu], dtype=torch.float64)
-        # Options below the head floor are never chosen (allocate takes them off the menu): their recoveries are not
-        # computed. At a floor of 1 (each layer at its own budget) that is most of the 39 options.
-        on = (cost >= self.floor * self.kv_budget - 1e-9).nonzero().flatten().tolist()
-        rec = torch.full((len(self.waiting) * first.n_kv_heads, len(self.menu)), -1e9, device=first.stats.obs.device)
-        rec[:, on] = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, [self.menu[i] for i in on],
-                                                  c.stats.mean_attention()) for c in self.waiting])
+        shapes = {o.policy for o in self.menu if not o.policy & FULL}
         if self.kv_budget >= 1:  # every token: only `full` keeps them all as the sequence grows (at short prompts a
             # share of 0.95 rounds up to every token and would tie with it)
-            choice = [next(i for i, o in enumerate(self.menu) if o.policy & FULL)] * rec.shape[0]
+            choice = [next(i for i, o in enumerate(self.menu) if o.policy & FULL)] * n
+        elif self.floor >= 1 and len(shapes) == 1:  # one shape, every head at the budget: nothing to choose, so no
+            # recoveries; each head takes the smallest share that keeps kv_budget (what allocate would pick)
+            fits = [i for i, o in enumerate(self.menu) if o.share >= self.kv_budget - 1e-9]
+            choice = [min(fits, key=lambda i: self.menu[i].share)] * n
         else:
+            # Options below the head floor are never chosen (allocate takes them off the menu): their recoveries are
+            # not computed. At a floor of 1 (each layer at its own budget) that is most of the 39 options.
+            on = (cost >= self.floor * self.kv_budget - 1e-9).nonzero().flatten().tolist()
+            rec = torch.full((n, len(self.menu)), -1e9, device=first.stats.obs.device)
+            rec[:, on] = torch.cat([option_recoveries(c.stats.obs, c.stats.obs_start, [self.menu[i] for i in on],
+                                                      c.stats.mean_attention()) for c in self.waiting])
             choice = allocate(rec, cost, self.kv_budget, self.floor)
         first.profile_seconds += time.perf_counter() - t0  # the allocation, counted once (each layer adds its own)
         heads = first.n_kv_heads

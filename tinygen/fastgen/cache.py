@@ -22,7 +22,7 @@ import torch
 from ..cache import attention_paths, storage_bytes
 from ..errors import TinygenError
 from .kinds import TokenKinds
-from .budget import BudgetPlanner, Option
+from .budget import BudgetPlanner, Option, shape_menu
 from .policy import (FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, policy_name, protected_kinds,
                      window)
 from .profile import ProfileStats, choose_policies, profiled_attention, recoveries
@@ -35,7 +35,8 @@ class FastGenCache:
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.max_len, self.kinds, self.cfg = max_len, kinds, cfg
         if cfg.budgeted and planner is None:
-            planner = BudgetPlanner(1, cfg.kv_budget, cfg.head_floor)  # a lone layer spends the budget on its own heads
+            # a lone layer spends the budget on its own heads
+            planner = BudgetPlanner(1, cfg.kv_budget, cfg.head_floor, shape_menu(cfg.shapes))
         self.planner = planner
         self.length = 0
         self.policies: list[int] = []  # per KV head, set at prefill
@@ -190,9 +191,10 @@ def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -
     if cfg.layer_budgets is not None:  # each layer plans alone, with its own share
         if len(cfg.layer_budgets) != c.n_layers:
             raise TinygenError(f"{len(cfg.layer_budgets)} layer budgets for a model of {c.n_layers} layers")
-        planners = [BudgetPlanner(1, b, cfg.head_floor) for b in cfg.layer_budgets]
+        planners = [BudgetPlanner(1, b, cfg.head_floor, shape_menu(cfg.shapes)) for b in cfg.layer_budgets]
     else:
-        planner = BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor) if cfg.model_wide else None
+        planner = (BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor, shape_menu(cfg.shapes)) if cfg.model_wide
+                   else None)
         planners = [planner] * c.n_layers
     return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg, p) for p in planners]
 

@@ -5,9 +5,10 @@ A policy is a set of components. `special` and `punct` keep every token of that 
 attention since they arrived (cumulative attention / the queries that saw them) among those no other component keeps;
 `full` keeps everything. L is the current length.
 
-How `auto` chooses (FastGenConfig.profile): "budget" (the default) spends a kept-fraction target `kv_budget` across
-every KV head of the model where profiling says it buys the most attention (fastgen/budget.py); "paper" gives each
-head the first of the paper's candidates whose recovery reaches `threshold` (fastgen/profile.py).
+How `auto` chooses (FastGenConfig.profile): "budget" (the default) gives every KV head a kept-fraction target
+`kv_budget` (or its layer's share of it, from a calibration), kept as half recent window, half heavy hitters, or in
+the shape the prompt's profile picks (`shapes`; fastgen/budget.py); "paper" gives each head the first of the
+paper's candidates whose recovery reaches `threshold` (fastgen/profile.py).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ CANDIDATES = (SPECIAL, SPECIAL | PUNCT, SPECIAL | PUNCT | FREQUENT, SPECIAL | PU
 LETTERS = {SPECIAL: "s", SPECIAL | PUNCT: "p", SPECIAL | PUNCT | FREQUENT: "F", SPECIAL | PUNCT | FREQUENT | LOCAL: "L",
            FULL: "#", LOCAL: "w", FREQUENT: "f", LOCAL | FREQUENT: "h"}
 PROFILES = ("budget", "paper")
+SHAPES = ("local+frequent", "profile")  # budget profile: what a head's kept share is made of (FastGenConfig.shapes)
 
 
 def policy_name(policy: int) -> str:
@@ -57,6 +59,9 @@ class FastGenConfig:
     observation: int = 32  # budget profile: the prompt's last rows whose attention is profiled (SnapKV's window)
     head_floor: float = 1.0  # budget profile: no head keeps less than this share of kv_budget (README: below 1,
     # the allocation moves memory between heads, and on the default model every floor below 1 measured worse)
+    shapes: str = "local+frequent"  # budget profile: every head keeps its share as half recent window, half heavy
+    # hitters ("local+frequent"), or its prompt's profile picks frequent or local+frequent ("profile"; README: the
+    # profile's pick measured worse than the fixed shape)
     layer_budgets: tuple[float, ...] | None = None  # budget profile at a floor of 1: each layer's own kept share in
     # place of kv_budget (an experiment: README, "Budgets per layer"); kv_budget stays the target they average to
     threshold: float = 0.98  # paper profile: T, the attention a policy must recover
@@ -67,6 +72,8 @@ class FastGenConfig:
     def __post_init__(self):
         if self.profile not in PROFILES:
             raise TinygenError(f"--profile must be one of {', '.join(PROFILES)}, got {self.profile!r}")
+        if self.shapes not in SHAPES:
+            raise TinygenError(f"--shapes must be one of {', '.join(SHAPES)}, got {self.shapes!r}")
         if not 0 < self.kv_budget <= 1:
             raise TinygenError(f"--kv-budget must be in (0, 1], got {self.kv_budget}")
         if not 0 <= self.head_floor <= 1:

@@ -103,7 +103,10 @@ def test_each_sequence_of_a_batch_gives_its_batch1_text(engine, batch_engine, cf
         assert [s.policies for s in unpooled] == [s.policies for s in six]
         alone, _ = answers(batch_engine, cfg, batch=1)
         assert all(a.policies == b.policies for a, b in zip(alone, six))
-        assert all(abs(s.kept_fraction - 0.7) <= 0.02 for s in six)
+        # within 0.02, or, at these short lengths, the two ceilings of a local+frequent head (window and heavy
+        # hitters: up to 2 tokens over 0.7 x the length; 0.027 at 44 tokens, measured)
+        assert all(abs(s.kept_fraction - 0.7) <= max(0.02, 2 / (len(s.prompt) + len(s.out) - 1)) for s in six), \
+            [s.kept_fraction for s in six]
     assert stats.generated_tokens == sum(len(s.out) for s in six)
 
 

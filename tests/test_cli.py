@@ -172,6 +172,7 @@ def test_budget_profile_keeps_about_kv_budget_and_maps_each_head(chat_model, tmp
     assert abs(stats["kept_fraction"] - 0.5) <= 0.05  # a ~40-token prompt: ceilings are coarse
     names = [p for layer in stats["policies"] for p in layer]
     assert all(n == "full" or n.startswith(("frequent r_l=0 ", "frequent+local r_l=")) for n in names), names
+    assert any(n.startswith("frequent r_l=0 ") for n in names), "--shapes profile: the profile picks frequent heads"
     assert "kept share" in r.stderr and "fNN = frequent" in r.stderr
     assert stats["kv_bytes"] < stats["kv_bytes_full"]
 

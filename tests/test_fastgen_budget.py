@@ -174,6 +174,24 @@ def test_default_shape_is_the_fixed_local_frequent_policy(tiny_model_dir, monkey
     assert {o.label for x in runs[0][2] for o in x.options} == {f"h{round(100 * kv_budget)}"}
 
 
+def test_one_shape_takes_what_allocate_takes_on_the_grid():
+    """With one shape at a floor of 1 the planner skips the recoveries and takes the smallest share at or above the
+    budget: on the 0.05 grid and at lengths where no two shares round to the same count, allocate's own choice for
+    any recoveries that grow with the share."""
+    from tinygen.fastgen.budget import shape_menu, smallest_share
+
+    menu = shape_menu("local+frequent")
+    g = torch.Generator().manual_seed(3)
+    for L in (60, 97, 200):
+        cost = torch.tensor([o.kept(L) / L for o in menu], dtype=torch.float64)
+        for b in (0.3, 0.55, 0.7, 0.85):
+            rec = torch.rand(6, len(menu), generator=g).sort(dim=1).values
+            i = smallest_share(menu, b)
+            assert menu[i].share == pytest.approx(b) and menu[i].policy == LOCAL | FREQUENT
+            assert allocate(rec, cost, b, floor=1.0) == [i] * 6, (L, b)
+    assert menu[smallest_share(menu, 0.73)].share == pytest.approx(0.75)
+
+
 def test_shapes_choose_the_menu():
     from tinygen.errors import TinygenError
     from tinygen.fastgen.budget import shape_menu

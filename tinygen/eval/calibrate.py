@@ -14,9 +14,9 @@ attention on the prompt keys the option keeps at the end of prefill (ranked as t
 since arrival over every prompt row) plus the attention on generated tokens (they enter the cache). The file holds
 these recoveries averaged over prompts and a layer's heads: one curve per layer, and each layer's output sensitivity:
 the KL to the full cache's next-token distribution that a full cache in that layer closes while every layer keeps
-0.7 (recovery alone did not track the output's fidelity). At run time (tinygen.fastgen.budget) the curves are weighed
-by the sensitivities, one price per kept token spends --kv-budget across the layers by them, and the prompt's
-profile still picks each head's shape.
+0.7 (recovery alone did not track the output's fidelity), measured with the default head shape (FastGenConfig.shapes,
+written to the file). At run time (tinygen.fastgen.budget) the curves are weighed by the sensitivities, one price per
+kept token spends --kv-budget across the layers by them, and each head keeps its layer's share in that shape.
 """
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def run(a) -> int:
     from tinygen.eval.prompts import load_prompts
     from tinygen.eval.sweep import encode_prompts
     from tinygen.fastgen.budget import CALIBRATION_FILE, MENU
+    from tinygen.fastgen.policy import FastGenConfig
     from tinygen.loader import load_model
     from tinygen.tokenizer import Tokenizer
 
@@ -135,7 +136,7 @@ def run(a) -> int:
         gains = sensitivity(model, tok, [p["ids"] for p in prompts[: a.sensitivity_prompts]], a.max_new_tokens,
                             a.sensitivity_budget, log)
         extra = {"layer_sensitivity": gains.round(decimals=6).tolist(), "sensitivity_budget": a.sensitivity_budget,
-                 "sensitivity_prompts": a.sensitivity_prompts}
+                 "sensitivity_prompts": a.sensitivity_prompts, "sensitivity_shapes": FastGenConfig.shapes}
     out = Path(a.out) if a.out else Path(a.model) / CALIBRATION_FILE
     write_json_atomic(out, {**extra,
         "model": Path(a.model).name, "prompts": Path(a.prompts).name, "start": a.start, "limit": a.limit,

@@ -86,6 +86,13 @@ MENU = tuple([Option(FREQUENT, 0.0, s) for s in SHARES] + [Option(LOCAL | FREQUE
              + [Option(FULL)])
 
 
+def smallest_share(menu, kv_budget: float) -> int:
+    """Index of the option with the smallest share at or above kv_budget: a head's choice when the menu has one
+    shape and every head keeps the budget (nothing left for the profile to choose)."""
+    fits = [i for i, o in enumerate(menu) if o.share >= kv_budget - 1e-9]
+    return min(fits, key=lambda i: menu[i].share)
+
+
 def shape_menu(shapes: str) -> tuple[Option, ...]:
     """The options a head may take (FastGenConfig.shapes): "profile", the whole menu (the prompt's profile picks
     frequent or local+frequent); "local+frequent", only its local+frequent options and full."""
@@ -181,9 +188,10 @@ class BudgetPlanner:
             # share of 0.95 rounds up to every token and would tie with it)
             choice = [next(i for i, o in enumerate(self.menu) if o.policy & FULL)] * n
         elif self.floor >= 1 and len(shapes) == 1:  # one shape, every head at the budget: nothing to choose, so no
-            # recoveries; each head takes the smallest share that keeps kv_budget (what allocate would pick)
-            fits = [i for i, o in enumerate(self.menu) if o.share >= self.kv_budget - 1e-9]
-            choice = [min(fits, key=lambda i: self.menu[i].share)] * n
+            # recoveries; each head takes the smallest share at or above kv_budget, the share it then holds as the
+            # sequence grows (batch.kept_share counts the same). allocate screens by the cost at this length, where
+            # ceilings let a smaller share pass at short prompts or budgets off the 0.05 grid.
+            choice = [smallest_share(self.menu, self.kv_budget)] * n
         else:
             # Options below the head floor are never chosen (allocate takes them off the menu): their recoveries are
             # not computed. At a floor of 1 (each layer at its own budget) that is most of the 39 options.
@@ -207,8 +215,9 @@ def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU, floor: floa
     curves: (n_layers, len(menu)), a layer's mean recovery of the generated tokens' attention under each option
     (measured on calibration prompts). One price per kept token picks every layer's option (allocate, one row per
     layer); a layer's budget is its option's share (1 for `full`), so the shares average to at most kv_budget. The
-    heads of a layer then keep that share, each in the shape its prompt's profile picks. No layer goes below
-    floor x kv_budget."""
+    heads of a layer then keep that share (FastGenConfig.shapes: local+frequent, or the shape each head's profile
+    picks). The curves may hold both shapes; a layer is priced by its best option at each share. No layer goes
+    below floor x kv_budget."""
     cost = torch.tensor([o.share for o in menu], dtype=torch.float64)
     return tuple(round(float(cost[i]), 4) for i in allocate(curves, cost, kv_budget, floor))
 

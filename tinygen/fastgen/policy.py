@@ -106,7 +106,7 @@ class FastGenConfig:
     @property
     def model_wide(self) -> bool:
         """Budget profile below a floor of 1: the allocation moves memory between heads of different layers, so one
-        planner waits for every layer's profile. At a floor of 1 every head keeps the budget and picks only its
+        planner waits for every layer's profile. At a floor of 1 every head keeps the budget and at most picks its
         shape, on its own: each layer compresses right after its own prefill (the same choices, tested)."""
         return self.budgeted and self.head_floor < 1
 

@@ -9,8 +9,9 @@ Method (also written beside the results):
   cache decodes greedily up to --max-new-tokens; each schedule's caches are then teacher-forced along those tokens
   (tinygen.eval.runner), and each step scores top-1 agreement with the full cache's choice and KL(full || cache).
 - Every schedule is the budget profile at a head floor of 1 (each head keeps its layer's budget, as local+frequent
-  since that became the default; the results in bench/results were measured when the profile picked the shape). `uniform` is the default (every layer at --kv-budget). The others set layer budgets that
-  average to about --kv-budget: `late` gives layers 16-24 0.80 and the rest 0.65 (mean 0.695: the layers where the
+  since that became the default; the results in bench/results were measured when the profile picked the shape).
+  `uniform` is the default (every layer at --kv-budget). The others set layer budgets that average to about
+  --kv-budget: `late` gives layers 16-24 0.80 and the rest 0.65 (mean 0.695: the layers where the
   layer-repair diagnosis and eval_predict found generated tokens leaning on the prompt), `early_low` gives layers
   0-9 0.60 and the rest 0.75, `pyramid` (PyramidKV's shape) 0.85 down to 0.55 in steps per 5 layers, `inverse`
   the reverse, `recovery` the shares an allocation by the generated rows' attention recovery (eval_predict.json's

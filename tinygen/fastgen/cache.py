@@ -83,16 +83,20 @@ class FastGenCache:
         L = k.shape[1]
         assert len(self.kinds) >= L, "feed the prompt's tokens to TokenKinds before prefill"
         if self.cfg.budgeted:
-            # Column sums and the observation window's sums (window=L: no local-window sums).
-            self.stats = ProfileStats(self.n_kv_heads, L, L, q.device, self.cfg.observation)
+            # Column sums and the observation window's sums (no local-window sums).
+            self.stats = ProfileStats(self.n_kv_heads, L, None, q.device, self.cfg.observation)
             out = profiled_attention(q, k, v, self.stats)
             self.length = L
-            self.pending = (k.contiguous(), v.contiguous())  # (n_kv_heads, L, head_dim), not views of qkv
+            # (n_kv_heads, L, head_dim): a planner that waits for later layers keeps them past this step, so they
+            # cannot stay views of this layer's qkv; a lone layer's planner compresses them inside register()
+            self.pending = (k, v) if self.planner.n_layers == 1 else (k.contiguous(), v.contiguous())
             self.planner.register(self)
             return out
         fixed = self.cfg.fixed_policy
         need_stats = fixed is None or bool(fixed & FREQUENT)
-        stats = ProfileStats(self.n_kv_heads, L, window(LOCAL, L, self.cfg), q.device) if need_stats else None
+        # The paper's profile needs the local-window sums of its `+local` candidate; fixed policies only column sums.
+        stats = (ProfileStats(self.n_kv_heads, L, window(LOCAL, L, self.cfg) if fixed is None else None, q.device)
+                 if need_stats else None)
         out = profiled_attention(q, k, v, stats)
         t0 = time.perf_counter()
         kinds = self.kinds.by_position[:L]

@@ -19,13 +19,16 @@ from .policy import CANDIDATES, FREQUENT, LOCAL, PUNCT, SPECIAL, FastGenConfig, 
 class ProfileStats:
     """Sums over the group-averaged prompt attention of each KV head, accumulated block by block."""
 
-    def __init__(self, n_kv_heads: int, length: int, window: int, device: torch.device, observation: int = 0):
+    def __init__(self, n_kv_heads: int, length: int, window: int | None, device: torch.device, observation: int = 0):
+        """window: the local window in tokens whose sums the paper's `+local` candidate needs (band, local); None
+        keeps no window sums (the budget profile and fixed policies read only the column sums)."""
         self.length, self.window = length, window
         self.obs_start = length - min(observation, length)  # the observation window: rows obs_start..length-1
         self.colsum = torch.zeros(n_kv_heads, length, device=device)  # attention each key receives
         self.obs = torch.zeros(n_kv_heads, length, device=device)  # ... from the observation window's rows
-        self.band = torch.zeros(n_kv_heads, length, device=device)  # ... from rows whose local window holds it
-        self.local = torch.zeros(n_kv_heads, device=device)  # attention inside each row's window, summed over rows
+        if window is not None:
+            self.band = torch.zeros(n_kv_heads, length, device=device)  # ... from rows whose local window holds it
+            self.local = torch.zeros(n_kv_heads, device=device)  # attention inside each row's window, summed over rows
         self.seconds = 0.0  # time spent here (host time: on CUDA it counts launches, not kernels)
 
     def mean_attention(self) -> torch.Tensor:
@@ -38,13 +41,14 @@ class ProfileStats:
         t0 = time.perf_counter()
         B, C = probs.shape[1:]
         colsum = probs.sum(1)  # (n_kv_heads, C)
-        # Keys outside row i's window are j <= i - window: a lower triangle of the first columns, one tril away.
-        width = max(0, row0 + B - self.window)
-        outside = torch.tril(probs[:, :, :width], diagonal=row0 - self.window).sum(1)  # (n_kv_heads, width)
         self.colsum[:, :C] += colsum
-        self.band[:, :C] += colsum
-        self.band[:, :width] -= outside
-        self.local += B - outside.sum(1)  # each row's mass is 1; what is not outside is inside
+        if self.window is not None:
+            # Keys outside row i's window are j <= i - window: a lower triangle of the first columns, one tril away.
+            width = max(0, row0 + B - self.window)
+            outside = torch.tril(probs[:, :, :width], diagonal=row0 - self.window).sum(1)  # (n_kv_heads, width)
+            self.band[:, :C] += colsum
+            self.band[:, :width] -= outside
+            self.local += B - outside.sum(1)  # each row's mass is 1; what is not outside is inside
         first = max(0, self.obs_start - row0)  # the block's first row inside the observation window
         if first < B:
             self.obs[:, :C] += probs[:, first:].sum(1)

@@ -14,6 +14,10 @@ EVAL = ROOT.parent / "shared" / "eval"
 
 CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))
 DEVICES = ["cpu", CUDA]
+# For tests of the Triton kernels: without a GPU they run in Triton's interpreter on CPU tensors; with one, Triton
+# compiles them for real, and compiled kernels take CUDA tensors only, so the CPU case is left to GPU-less machines.
+TRITON_DEVICES = [pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="compiled Triton "
+                               "takes CUDA tensors; the CPU case runs in the interpreter where there is no GPU")), CUDA]
 
 
 def tiny_hf_config(**overrides):

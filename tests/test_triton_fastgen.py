@@ -8,8 +8,9 @@ masked to each head's bitmap, scores against a float64 reference, budgets, evict
 """
 import pytest
 import torch
+from conftest import TRITON_DEVICES
 from test_fastgen_budget import force_options  # noqa: F401  (fixture)
-from test_fastgen_store import (DEVICES, L0, MIXED, N_HEADS, N_KV, HD, VOCAB, force_policies,  # noqa: F401
+from test_fastgen_store import (L0, MIXED, N_HEADS, N_KV, HD, VOCAB, force_policies,  # noqa: F401
                                 one_thread, run)
 from test_triton_decode import kernels  # noqa: F401  (fixture: the interpreter on a machine without a GPU)
 
@@ -35,7 +36,7 @@ def kernel_path(kernels, monkeypatch):  # noqa: F811
     return calls
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_fastgen_mixed_policies(device, kernel_path, force_policies):  # noqa: F811
     """Three stores (paper candidates, two sharing a policy on non-adjacent heads) with growth and evictions."""
     policies, (r_l, r_f) = MIXED["paper-candidates"]
@@ -48,7 +49,7 @@ def test_triton_fastgen_mixed_policies(device, kernel_path, force_policies):  # 
     assert kernel_path == {"attention": steps, "scores": steps}, "one launch per step, one more for the scores"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_fastgen_per_head_ratios(device, kernel_path, force_options):  # noqa: F811
     """The budget profile's per-head ratios: four stores, the `full` one between `frequent` ones in head order."""
     force_options([Option(FREQUENT, 0, 0.2), Option(FULL), Option(LOCAL | FREQUENT, 0.15, 0.15),
@@ -58,7 +59,7 @@ def test_triton_fastgen_per_head_ratios(device, kernel_path, force_options):  # 
     assert len(cache.stores) == 4 and cache.rows.n_frequent == 3 and ref.grew > 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_fastgen_matches_torch_path_half(device, dtype, kernels, monkeypatch, force_policies):  # noqa: F811
     """16-bit stores (2-byte rows in the address tables): the kernel path against the PyTorch path on the same
@@ -87,7 +88,7 @@ def test_triton_fastgen_matches_torch_path_half(device, dtype, kernels, monkeypa
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"step {i}: {m}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_fastgen_after_chunks(device, kernel_path, force_policies):  # noqa: F811
     """Chunks (a chat's next turn) grow, evict, compact and shrink the stores: the kernel's address tables follow,
     and the decode steps after each chunk still match dense attention over what each head holds."""

@@ -2,6 +2,7 @@
 
     python bench/bench_gpu.py                          # both shapes, 4k/16k/32k prompts -> bench/results/gpu_<gpu>.md
     python bench/bench_gpu.py --smoke --device cpu     # tiny shapes, end to end on the CPU (a check, not a result)
+    python bench/bench_gpu.py --profile 8 ...          # also: kernels, ops and GPU-busy time of 8 decode steps per row
 
 Method (also written beside the results):
 - Models: random weights (seeded) of the Llama-3.2-1B shape (GQA 32/8 heads, head_dim 64, tied embeddings, llama3
@@ -123,14 +124,14 @@ def kv_bytes_of(past) -> int:
 
 
 @torch.inference_mode()
-def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str) -> dict:
+def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str, profile_steps: int = 0) -> dict:
     cuda = torch.device(device).type == "cuda"
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
-    max_len = len(ids) + n_new + 1
+    max_len = len(ids) + n_new + profile_steps + 1
     prompt = torch.tensor(ids, device=device)
     feed, caches = None, None
     sync(device)
@@ -150,8 +151,8 @@ def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str) 
         token = prefill(model, ids, caches).argmax(-1, keepdim=True)
     int(token)
     prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for i in range(n_new):
+    def step(i):
+        nonlocal past, token
         if feed:
             feed([int(token)])
         if method == "HF":
@@ -160,7 +161,13 @@ def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str) 
         else:
             token = decode_step(model, token, caches, len(ids) + i).argmax(-1, keepdim=True)
         int(token)  # the step's host sync
+
+    past = past if method == "HF" else None
+    t0 = time.perf_counter()
+    for i in range(n_new):
+        step(i)
     decode_s = time.perf_counter() - t0
+    step_profile = profile_decode(lambda j: step(n_new + j), profile_steps, cuda) if profile_steps else None
     c = model.cfg
     length = len(ids) + n_new
     r = dict(method=method, prompt_tokens=len(ids), new_tokens=n_new, prefill_s=prefill_s, decode_tps=n_new / decode_s,
@@ -173,7 +180,52 @@ def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str) 
                  profile_s=sum(getattr(x, "profile_seconds", 0.0) for x in caches))
     if method.startswith("auto"):
         r["policies"] = "".join(policy_letter(p) for p in caches[0].policies)
+    if step_profile:
+        r["step_profile"] = step_profile
     return r
+
+
+def profile_decode(step, n: int, cuda: bool, top: int = 6) -> dict:
+    """Where `n` decode steps' time goes (torch profiler): op calls and kernel launches per step, and the time the
+    GPU spent in kernels against the step's wall time (the rest is the host issuing ops: a launch-bound step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for j in range(n):
+            step(j)
+        wall = time.perf_counter() - t0
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    ops = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    busy = sum(by_name.values())
+    return {"steps": n, "wall_ms": wall / n * 1e3, "aten_ops": len(ops) / n, "kernels": len(kernels) / n,
+            "gpu_busy_ms": busy / n / 1e3,
+            "top_kernels": [(k[:70], us / n / 1e3) for k, us in sorted(by_name.items(), key=lambda x: -x[1])[:top]]}
+
+
+def profile_markdown(results: list[dict]) -> list[str]:
+    rows = [r for r in results if "step_profile" in r]
+    if not rows:
+        return []
+    lines = ["## Where a decode step's time goes (torch profiler over a few steps after the timed ones)", "",
+             "Wall time per step is with the profiler on (it adds host time). GPU busy: the summed time of the "
+             "step's kernels; the rest of the wall time the GPU waits for the host to issue work. Aten ops count nested "
+             "ones too (a linear and the matmul it calls).", "",
+             "| shape | prompt tokens | method | wall ms per step | GPU busy ms | busy share | aten ops per step | "
+             "kernels per step | top kernels (ms per step) |", "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        p = r["step_profile"]
+        top = "; ".join(f"`{k}` {ms:.2f}" for k, ms in p["top_kernels"])
+        lines.append(f"| {r['shape']} | {r['prompt_tokens']} | {r['method']} | {p['wall_ms']:.2f} | "
+                     f"{p['gpu_busy_ms']:.2f} | {p['gpu_busy_ms'] / p['wall_ms']:.0%} | {p['aten_ops']:.0f} | "
+                     f"{p['kernels']:.0f} | {top} |")
+    return [*lines, ""]
 
 
 def markdown(results: list[dict], header: list[str], notes: list[str]) -> str:
@@ -191,7 +243,8 @@ def markdown(results: list[dict], header: list[str], notes: list[str]) -> str:
         "| shape | prompt tokens | method | decode tok/s | vs full | vs HF | prefill s | profiling s | kept | "
         "KV MiB (physical) | KV vs full | peak MiB above weights |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, "",
-        *notes, "", __doc__.split("Method (also written beside the results):\n", 1)[1].strip(), ""])
+        *notes, "", *profile_markdown(results), __doc__.split("Method (also written beside the results):\n", 1)[1].strip(),
+        ""])
 
 
 def main():
@@ -202,6 +255,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated names of SHAPES")
     ap.add_argument("--max-seconds", type=float, default=330, help="skip what is left after this long (noted)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS decode steps of each row after its timed ones (default 0: none)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, prompts of 48 and 96 tokens, 8 new tokens")
     ap.add_argument("--out", default=None, help="markdown file (default bench/results/gpu_<gpu name>.md; with "
                                                  "--smoke a file in /tmp); raw JSON beside it")
@@ -237,7 +292,7 @@ def main():
             ids = torch.randint(3, shape["vocab_size"], (L,), generator=gen).tolist()
             for method in METHODS:
                 try:
-                    r = run_method(method, hf, model, ids, n_new, a.device)
+                    r = run_method(method, hf, model, ids, n_new, a.device, a.profile)
                 except torch.OutOfMemoryError:
                     notes.append(f"- {shape_name}, {L} tokens, {method}: out of GPU memory")
                     continue

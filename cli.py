@@ -66,6 +66,8 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=None, help="--prompts-file: most sequences decoded at once (default 8)")
     p.add_argument("--kv-budget-mb", type=float, default=None, metavar="M", help="--prompts-file: cap on the KV "
                    "caches' bytes (MiB); a prompt joins the batch when its projected cache fits")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile (CPU, --policy full, one "
+                   "prompt): fewer, fused ops per step; compiling takes about a minute at every start")
     p.add_argument("--progress", action="store_true", help="show the progress line of long prefills (1k tokens or "
                    "more) even when stderr is not a terminal")
     a = p.parse_args(argv)
@@ -107,6 +109,10 @@ def parse_args(argv):
                  (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget "
                   "profile"),
                  (a.shapes is not None and not budgeted, "--shapes is for --policy auto with the budget profile"),
+                 (a.compile and a.policy != "full", "--compile is for --policy full: FastGen's stores change shape "
+                  "every step, which a compiled step cannot follow"),
+                 (a.compile and (a.chat or a.prompts_file or a.perplexity), "--compile is for one prompt (--prompt "
+                  "or --prompt-file)"),
                  (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile "
                   "takes --kv-budget"),
                  (budgeted and (a.local_ratio is not None or a.frequent_ratio is not None), "--local-ratio and "
@@ -133,7 +139,8 @@ def run(a) -> int:
     from tinygen.fastgen.budget import calibration_path, with_calibration
     from tinygen.fastgen.cache import make_caches, policy_map
     from tinygen.fastgen.policy import FastGenConfig
-    from tinygen.generate import GenerationStats, generate
+    from tinygen.compiled import CompiledDecoder
+    from tinygen.generate import GenerationStats, decode_step, generate
     from tinygen.loader import load_model
     from tinygen.perplexity import perplexity
     from tinygen.sampling import SamplingParams
@@ -145,7 +152,11 @@ def run(a) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     # A prompts file decodes up to --batch sequences per step: the CPU weights take the layout batches read fastest.
     batch = a.batch if a.prompts_file else 1
-    model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize, batch=batch)
+    if a.compile and torch.device(device).type != "cpu":
+        raise TinygenError("--compile runs on the CPU only (not tested on CUDA yet): add --device cpu or leave out "
+                           "--compile")
+    # --compile: plain float matrices, which the compiler packs itself
+    model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize, batch=batch, prepack=not a.compile)
     cfg = model.cfg
     tok = Tokenizer(a.model, cfg.eos_token_ids)
     calibration = calibration_path(a.model, a.calibration) if fastgen.budgeted else None
@@ -178,12 +189,17 @@ def run(a) -> int:
         raise TinygenError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}")
     max_len = min(cfg.max_seq_len, len(ids) + a.max_new_tokens)
     caches, on_tokens = make_caches(model, tok, fastgen, max_len)
+    decode, compile_seconds = decode_step, 0.0
+    if a.compile:
+        decode = CompiledDecoder(model)
+        compile_seconds = decode.warm_up()
+        print(f"[decode step compiled in {compile_seconds:.1f} s]" if decode.compiled else "", file=sys.stderr)
     stats = GenerationStats()
     stream = StreamDecoder(tok)
     code = 0
     try:
         for token_id in generate(model, ids, caches, a.max_new_tokens, sampling, tok.eos_ids, a.ignore_eos, stats,
-                                 on_tokens, on_layer=progress.callback(len(ids))):
+                                 on_tokens, on_layer=progress.callback(len(ids)), decode=decode):
             sys.stdout.write(stream.push(token_id))
             sys.stdout.flush()
     except KeyboardInterrupt:
@@ -213,6 +229,8 @@ def run(a) -> int:
         "device": device,
         "dtype": a.dtype,
         "quantize": a.quantize,
+        "compiled": a.compile and decode.compiled,  # False where --compile fell back to the eager step
+        "compile_seconds": round(compile_seconds, 3),
     }
     if on_tokens is not None:
         report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)

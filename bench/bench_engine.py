@@ -4,6 +4,7 @@ same weights and prompt, greedy, batch 1, every engine loaded at once and taking
     python bench/bench_engine.py            # 5 runs each -> bench/results/engine_cpu.md
     python bench/bench_engine.py --quick    # smoke check: 2 runs, 32 new tokens
     python bench/bench_engine.py --profile  # also: where one decode step's time goes, per tinygen mode
+    python bench/bench_engine.py --modes bfloat16,bfloat16+compile,int4,int4+compile   # +compile: compiled.py
 
 Method (also written beside the results):
 - Prompt: exactly --prompt-tokens ids of Pride and Prejudice from chapter 1, no chat template; --new-tokens forced
@@ -37,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (GB, load_average, machine_lines, max_rss_bytes, prompt_ids, read_bandwidth_gbs,  # noqa: E402
                           timed, write_atomic)
+from tinygen.compiled import CompiledDecoder  # noqa: E402
 from tinygen.generate import GenerationStats, decode_step, full_caches, generate, prefill  # noqa: E402
 from tinygen.loader import DTYPES, load_model  # noqa: E402
 from tinygen.quant import MODES, weight_bytes_per_token  # noqa: E402
@@ -68,7 +70,8 @@ def parse_args():
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     a.hf = [d.strip() for d in a.hf.split(",") if d.strip()]
     ok = lambda m: m in DTYPES or m in MODES or (m.partition("/")[0] in DTYPES and m.partition("/")[2] in MODES)  # noqa: E731
-    assert all(ok(m) for m in a.modes), f"--modes: choose from {', '.join([*DTYPES, *MODES])} or DTYPE/MODE"
+    assert all(ok(m.removesuffix("+compile")) for m in a.modes), \
+        f"--modes: choose from {', '.join([*DTYPES, *MODES])} or DTYPE/MODE, each optionally +compile"
     assert all(d in DTYPES for d in a.hf), f"--hf: choose from {', '.join(DTYPES)}"
     assert a.runs >= 1 and a.new_tokens >= 2 and a.prompt_tokens >= 1, "--runs >= 1, --new-tokens >= 2, --prompt-tokens >= 1"
     return a
@@ -76,18 +79,25 @@ def parse_args():
 
 class Tinygen:
     def __init__(self, model_dir, mode: str, ids: list[int], n_new: int):
+        self.name, self.engine = f"tinygen {mode}", "tinygen"
+        mode, _, extra = mode.partition("+")  # "+compile": decode through compiled.CompiledDecoder
         dtype, _, quantize = mode.rpartition("/") if "/" in mode else ("", "", mode)
         quantize = quantize if quantize in MODES else None
-        self.name, self.engine, self.mode = f"tinygen {mode}", "tinygen", quantize or mode
+        self.mode, self.compiled = quantize or mode, extra == "compile"
         self.dtype = (dtype or QUANT_DTYPE) if quantize else mode
-        self.model = load_model(model_dir, device="cpu", dtype=self.dtype, quantize=quantize)
+        self.model = load_model(model_dir, device="cpu", dtype=self.dtype, quantize=quantize, prepack=not self.compiled)
+        self.decode, self.compile_seconds = decode_step, 0.0
+        if self.compiled:
+            self.decode = CompiledDecoder(self.model)
+            self.compile_seconds = self.decode.warm_up()
+            assert self.decode.compiled, f"{self.name}: torch.compile failed"
         self.ids, self.n_new = ids, n_new
         self.weight_bytes = weight_bytes_per_token(self.model)
 
     def run(self) -> dict:
         caches = full_caches(self.model, len(self.ids) + self.n_new)
         stats = GenerationStats()
-        out = list(generate(self.model, self.ids, caches, self.n_new, ignore_eos=True, stats=stats))
+        out = list(generate(self.model, self.ids, caches, self.n_new, ignore_eos=True, stats=stats, decode=self.decode))
         assert len(out) == self.n_new and stats.decode_steps == self.n_new - 1, "tinygen did not generate every token"
         return dict(prefill=stats.prefill_seconds, decode_tps=stats.decode_tokens_per_second, tokens=out)
 
@@ -196,6 +206,7 @@ def report(args, machine: list[str], engines: list, results: dict, bw_gbs: float
     for e in engines:
         s, bound = results[e.name], bw_gbs * GB / e.weight_bytes
         weights = f"{e.mode} (rest {e.dtype})" if e.mode in MODES else e.dtype
+        weights += f", compiled ({e.compile_seconds:.0f} s)" if getattr(e, "compiled", False) else ""
         lines.append(f"| {e.engine} | {weights} | {s['prefill'] * 1e3:.0f} | {n_prompt / s['prefill']:.0f} | "
                      f"{s['decode_tps']:.1f} ({s['decode_min']:.1f}-{s['decode_max']:.1f}) | "
                      f"{e.weight_bytes / 1e6:.1f} MB | {bound:.0f} | {s['decode_tps'] / bound:.0%} |")
@@ -205,7 +216,11 @@ def report(args, machine: list[str], engines: list, results: dict, bw_gbs: float
              ("tinygen int8", "HF float32", ">= 3x"), ("tinygen int8", "tinygen bfloat16", ">= 1.6x"),
              ("tinygen int4", "tinygen int8", ">= 1.3x"), ("tinygen int4", "HF bfloat16", ""),
              ("tinygen float32/int8", "HF float32", ">= 3x"), ("tinygen float32/int8", "tinygen bfloat16", ">= 1.6x"),
-             ("tinygen float32/int4", "tinygen float32/int8", ">= 1.3x")]
+             ("tinygen float32/int4", "tinygen float32/int8", ">= 1.3x"),
+             ("tinygen bfloat16+compile", "HF bfloat16", ">= 2.0x"), ("tinygen float32+compile", "HF float32", ">= 1.5x"),
+             ("tinygen int8+compile", "HF float32", ">= 3x"), ("tinygen int8+compile", "tinygen bfloat16+compile", ">= 1.6x"),
+             ("tinygen int4+compile", "tinygen int8+compile", ">= 1.3x"),
+             *[(f"tinygen {m}+compile", f"tinygen {m}", "") for m in ("float32", "bfloat16", "int8", "int4")]]
     for a, b, goal in goals:
         if a in results and b in results:
             ra, rb = results[a], results[b]
@@ -213,6 +228,7 @@ def report(args, machine: list[str], engines: list, results: dict, bw_gbs: float
                          f"{rb['prefill'] / ra['prefill']:.2f}x | {goal} |")
     lines.append("")
     pairs = [(f"tinygen {d}", f"HF {d}") for d in DTYPES] + [(f"tinygen {m}", "tinygen float32") for m in MODES]
+    pairs += [(f"tinygen {m}+compile", f"tinygen {m}") for m in [*DTYPES, *MODES]]
     for a, b in pairs:
         if a in results and b in results:
             lines.append(f"- greedy tokens, {a} vs {b}: {first_difference(results[a]['tokens'], results[b]['tokens'])}")
@@ -224,7 +240,9 @@ def report(args, machine: list[str], engines: list, results: dict, bw_gbs: float
               "decode is (new tokens - 1) / (time of generate(new tokens) - time of generate(1)). Share of bound = "
               "weight bytes one decode step reads (linear weights as stored, quantized ones with their scales; norms; "
               "the LM head, a tied one as the whole embedding; one embedding row) x decode tok/s / read bandwidth; "
-              "KV-cache reads are left out."]
+              "KV-cache reads are left out. `+compile`: decoded through tinygen/compiled.py (torch.compile, Inductor, "
+              "freezing; the model loaded with plain float matrices), compiled before the rounds (the seconds it took "
+              "are in the weights column); its prefill is the eager model's."]
     if profiles:
         lines += ["", "## Where a decode step's time goes (torch profiler, self CPU time by op)", "", *profiles]
     return "\n".join(lines) + "\n"
@@ -249,7 +267,7 @@ def main():
                 f"{e.name} {runs[e.name][-1]['prefill'] * 1e3:.0f} ms, {runs[e.name][-1]['decode_tps']:.1f} tok/s"
                 for e in engines), flush=True)
     results = {name: summary(r) for name, r in runs.items()}
-    profiles = [e.profile() for e in engines if args.profile and isinstance(e, Tinygen)]
+    profiles = [e.profile() for e in engines if args.profile and isinstance(e, Tinygen) and not e.compiled]
     rss = max_rss_bytes()
     for e in engines:
         e.model = None  # free every model before the bandwidth buffer

@@ -131,20 +131,24 @@ class FullCache:
         """Reallocate K and V for `rows` tokens plus one block (at most max_len), copying the tokens written."""
         n_kv_heads, _, head_dim = self.k.shape
         capacity = min(self.max_len, rows + self.block_rows(rows))
-        k = self.k.new_empty(n_kv_heads, capacity, head_dim)
-        v = torch.empty_like(k)
+        k = self.k.new_zeros(n_kv_heads, capacity, head_dim)  # spare rows zero, not garbage: a step that attends
+        v = torch.zeros_like(k)  # over the whole buffers masked (compiled.py) weighs them by 0, and 0 * NaN is NaN
         k[:, : self.length], v[:, : self.length] = self.k[:, : self.length], self.v[:, : self.length]
         self.k, self.v = k, v
         self._tables = None  # the kernel's row starts (h * capacity) moved
+
+    def reserve(self, end: int) -> None:
+        """Make room for tokens up to `end` (grow if the buffers are shorter)."""
+        assert end <= self.max_len, f"cache full: {self.length} + {end - self.length} > {self.max_len}"
+        if end > self.k.shape[1]:
+            self._grow(end)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write T new tokens' k, v (n_kv_heads, T, head_dim) by index, growing first if they do not fit;
         returns every cached key and value so far (views of the buffers)."""
         T, start = k.shape[1], self.length
         end = start + T
-        assert end <= self.max_len, f"cache full: {start} + {T} > {self.max_len}"
-        if end > self.k.shape[1]:
-            self._grow(end)
+        self.reserve(end)
         self.k[:, start:end] = k
         self.v[:, start:end] = v
         self.length = end

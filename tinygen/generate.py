@@ -54,12 +54,13 @@ def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new
              sampling: SamplingParams = SamplingParams(), eos_ids=frozenset(), ignore_eos: bool = False,
              stats: GenerationStats | None = None,
              on_tokens: Callable[[list[int]], None] | None = None, start_pos: int = 0,
-             on_layer: Callable[[int], None] | None = None) -> Iterator[int]:
+             on_layer: Callable[[int], None] | None = None, decode: Callable = decode_step) -> Iterator[int]:
     """Yield generated token ids. `stats` (if given) is filled in as generation goes, stop reason included.
 
     `on_tokens(ids)` is called with each batch of ids just before the model sees them (caches that need to know
     token kinds, like FastGen's, hook in here). `start_pos` > 0: the caches have seen that many tokens and
     `prompt_ids` continue them (a chat's next turn). `on_layer` reports the prefill's progress (see `prefill`).
+    `decode`: the step function, `decode_step` or a drop-in (compiled.CompiledDecoder for full caches).
     """
     stats = stats if stats is not None else GenerationStats()
     limit = model.cfg.max_seq_len
@@ -97,7 +98,7 @@ def generate(model: Llama, prompt_ids: list[int], caches: list[KVCache], max_new
             return
         if on_tokens:
             on_tokens([token_id])
-        logits = decode_step(model, token, caches, pos)
+        logits = decode(model, token, caches, pos)
         token = sample(logits, sampling, generator)
         token_id = int(token.item())  # the one host sync per step: reading the sampled token
         pos += 1

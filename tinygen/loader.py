@@ -93,10 +93,11 @@ def _open(path: Path):
 
 
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None,
-               batch: int = 1) -> Llama:
+               batch: int = 1, prepack: bool = True) -> Llama:
     """Load a Llama checkpoint directory onto `device` in `dtype` ("float32", "bfloat16" or "float16").
     quantize: "int8" or "int4" weight-only linear layers (tinygen/quant.py), quantized from the checkpoint's floats.
-    batch: the sequences a decode step will run at once; on the CPU it picks the weights' layout (`cpu_layout`)."""
+    batch: the sequences a decode step will run at once; on the CPU it picks the weights' layout (`cpu_layout`).
+    prepack: False keeps the plain (out, in) float matrices, for torch.compile to pack its own (compiled.py)."""
     model_dir = Path(model_dir)
     if dtype not in DTYPES:
         raise TinygenError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -131,6 +132,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
                 row += shape[0]
     if quantize is not None:
         quantize_model(model, quantize, model_dir, DTYPES[dtype])
-    cpu_layout(model, batch)  # an unquantized model's matrices in the layout the CPU reads fastest for `batch` rows
+    if prepack:
+        cpu_layout(model, batch)  # an unquantized model's matrices in the layout the CPU reads fastest for `batch` rows
     model.init_rope()
     return model.eval()

@@ -31,22 +31,33 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, caches: list[KVCache] | BatchKVCache):
-        """x: (B*T, dim) rows of B sequences with T tokens each; caches: this layer's cache of each sequence, or one
-        object that attends for the whole batch."""
-        B, nq, nkv = len(caches), self.n_heads, self.n_kv_heads
+    def project(self, x, cos, sin, B: int = 1):
+        """x: (B*T, dim) -> q (B, n_heads, T, head_dim), k and v (B, n_kv_heads, T, head_dim), q and k rotated."""
+        nq, nkv = self.n_heads, self.n_kv_heads
         N = x.shape[0]
         qkv = self.wqkv(x).view(N, nq + 2 * nkv, self.head_dim)  # rows: q heads, k heads, v heads
         qk = apply_rope(qkv[:, : nq + nkv], cos[:, None], sin[:, None])  # q and k rotated together
         q = qk[:, :nq].view(B, N // B, nq, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = qk[:, nq:].view(B, N // B, nkv, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = qkv[:, nq + nkv :].view(B, N // B, nkv, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        return q, k, v
+
+    def output(self, out):
+        """out: (B, n_heads, T, head_dim) -> (B*T, dim)."""
+        B, _, T, _ = out.shape
+        return self.wo(out.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))
+
+    def forward(self, x, cos, sin, caches: list[KVCache] | BatchKVCache):
+        """x: (B*T, dim) rows of B sequences with T tokens each; caches: this layer's cache of each sequence, or one
+        object that attends for the whole batch."""
+        B = len(caches)
+        q, k, v = self.project(x, cos, sin, B)
         if isinstance(caches, list):  # each sequence's cache attends over what it keeps (its length, its policies)
             outs = [cache.attend(q[b], k[b], v[b]) for b, cache in enumerate(caches)]  # each (n_heads, T, head_dim)
             out = outs[0][None] if B == 1 else torch.stack(outs)  # (B, n_heads, T, head_dim)
         else:  # one object for the batch (FastGen's pooled decode step, tinygen/fastgen/pool.py)
             out = caches.attend(q, k, v)  # (B, n_heads, T, head_dim)
-        return self.wo(out.transpose(1, 2).reshape(N, nq * self.head_dim))
+        return self.output(out)
 
 
 class FeedForward(nn.Module):
@@ -121,9 +132,12 @@ class Llama(nn.Module):
         x = x.view(B, T, -1)
         if last_only:
             x = x[:, -1:]
+        logits = self.head(x)  # (B, T, vocab)
+        return logits if batched else logits[0]
+
+    def head(self, x):
+        """Final norm and LM head: x (..., dim) -> logits (..., vocab) float32."""
         x = self.norm(x)
         if self.lm_head is None:  # tied to the embedding
-            logits = (x @ self.embed.weight.t()).float()  # (B, T, vocab)
-        else:
-            logits = self.lm_head(x).float()  # an nn.Linear, or a quantized layer (tinygen/quant.py)
-        return logits if batched else logits[0]
+            return (x @ self.embed.weight.t()).float()
+        return self.lm_head(x).float()  # an nn.Linear, or a quantized layer (tinygen/quant.py)

@@ -55,12 +55,14 @@ class CompiledDecoder:
     Inductor's on-disk cache), so it pays only over long generations. If compiling fails (no C++ compiler, say),
     one line goes to stderr and the step runs eagerly from then on: the same function, uncompiled."""
 
-    def __init__(self, model: Llama, compile: bool = True):
-        def step(token, pos, ks, vs):  # the model from the closure: its weights are constants of the graph, which
-            return static_decode_step(model, token, pos, ks, vs)  # freezing can pack (as arguments they are inputs)
+    def __init__(self, model: Llama, compile: bool = True, mode: str | None = None):
+        """mode: torch.compile's; "reduce-overhead" replays the step as a CUDA graph (bench/bench_gpu_compile.py)."""
 
-        self.model, self.eager = model, step
-        self.step = torch.compile(step, fullgraph=True) if compile else step
+        def step(token, pos, ks, vs):  # the model from the closure: its weights are attributes, which freezing
+            return static_decode_step(model, token, pos, ks, vs)  # turns into graph constants and packs
+
+        self.model, self.eager, self.mode = model, step, mode
+        self.step = torch.compile(step, fullgraph=True, mode=mode) if compile else step
         self.compiled, self.first = compile, True
 
     def warm_up(self) -> float:
@@ -83,6 +85,8 @@ class CompiledDecoder:
         if self.compiled:
             for t in (*ks, *vs):
                 torch._dynamo.mark_dynamic(t, 1)  # the capacity: one compilation for every length
+                if self.mode == "reduce-overhead":  # a graph reads them in place (a growth re-records it)
+                    torch._dynamo.mark_static_address(t)
         p = torch.tensor([pos], device=token.device)
         freezing = nullcontext()
         if self.compiled:  # the weights become constants of the graph, packed for oneDNN when it compiles (the flag

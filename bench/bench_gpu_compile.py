@@ -1,8 +1,8 @@
 """The full cache's decode step on a GPU: eager (`decode_step`, op by op), compiled (`compiled.CompiledDecoder`,
 Inductor) and compiled as a CUDA graph (torch.compile mode="reduce-overhead"), side by side on one random-weight model.
 
-    python bench/bench_gpu_compile.py                        # Llama-3.2-1B shape, 4k prompt -> bench/results/gpu_compile_<gpu>.md
-    python bench/bench_gpu_compile.py --smoke --device cpu   # tiny shape, eager and compiled only (a check, not a result)
+    python bench/bench_gpu_compile.py               # Llama-3.2-1B shape, 4k -> bench/results/gpu_compile_<gpu>.md
+    python bench/bench_gpu_compile.py --smoke --device cpu   # tiny shape, eager and compiled (a check, not a result)
 
 Method: the model of bench_gpu.build (HF LlamaForCausalLM's random weights copied into tinygen, bfloat16); one
 prompt of --length random ids, prefilled eagerly into fresh full caches for each row; the caches reserved to their
@@ -72,8 +72,8 @@ def main():
     length, steps = (48, 8) if a.smoke else (a.length, a.steps)
     cuda = torch.device(a.device).type == "cuda"
     gpu = torch.cuda.get_device_name(torch.device(a.device)) if cuda else "cpu"
-    out = Path(a.out) if a.out else (Path("/tmp/gpu_compile_smoke.md") if a.smoke else
-                                     ROOT / "bench" / "results" / f"gpu_compile_{re.sub(r'[^A-Za-z0-9]+', '_', gpu)}.md")
+    name = f"gpu_compile_{re.sub(r'[^A-Za-z0-9]+', '_', gpu)}.md"
+    out = Path(a.out) if a.out else Path("/tmp/gpu_compile_smoke.md") if a.smoke else ROOT / "bench" / "results" / name
     header = machine_lines() + [f"device {a.device} ({gpu}), bfloat16, batch 1, {'tiny GQA' if a.smoke else a.shape}, "
                                 f"{length}-token prompt, {a.warm} warm-up + {steps} timed steps, full cache"]
     print("\n".join(header), flush=True)
@@ -85,20 +85,23 @@ def main():
         try:
             r = run_row(name, model, ids, a.warm, steps, a.device)
         except Exception as e:  # a failure is a result here: noted, and the other rows still run
-            notes.append(f"- {name}: failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''})")
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            notes.append(f"- {name}: failed ({type(e).__name__}: {first_line})")
             print(notes[-1], flush=True)
             continue
-        r["logit_diff"] = (r["first_logits"] - rows[0]["first_logits"]).abs().max().item() if rows else 0.0
+        eager = rows[0] if rows and rows[0]["method"] == "eager" else None
+        r["logit_diff"] = (r["first_logits"] - eager["first_logits"]).abs().max().item() if eager else float("nan")
         rows.append(r)
         print(f"{name}: {r['decode_tps']:.1f} tok/s, {r['ms_per_step']:.2f} ms/step, warm-up {r['warm_s']:.1f} s, "
               f"logit diff {r['logit_diff']:.4f}, compiled {r['compiled']}", flush=True)
-    lines = ["# The full cache's decode step: eager, compiled, compiled as a CUDA graph", "", *[f"- {h}" for h in header],
-             "", "| method | decode tok/s | ms per step | vs eager | warm-up s (compile, record) | first-step logits: "
-             "max abs diff to eager | compiled |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["# The full cache's decode step: eager, compiled, compiled as a CUDA graph", "",
+             *[f"- {h}" for h in header], "", "| method | decode tok/s | ms per step | vs eager | warm-up s (compile, "
+             "record) | first-step logits: max abs diff to eager | compiled |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    base = rows[0]["decode_tps"] if rows and rows[0]["method"] == "eager" else float("nan")
     for r in rows:
         lines.append(f"| {r['method']} | {r['decode_tps']:.1f} | {r['ms_per_step']:.2f} | "
-                     f"{r['decode_tps'] / rows[0]['decode_tps']:.2f}x | {r['warm_s']:.1f} | {r['logit_diff']:.4f} | "
-                     f"{r['compiled']} |")
+                     f"{r['decode_tps'] / base:.2f}x | {r['warm_s']:.1f} | {r['logit_diff']:.4f} | {r['compiled']} |")
     lines += ["", *notes, "", __doc__.split("Method: ", 1)[1].strip(), ""]
     write_atomic(out, "\n".join(lines))
     print(f"wrote {out}")

@@ -6,8 +6,8 @@ half of an int4 one. A compiler can fuse those ops into a few loops, but only in
 changes from step to step. `static_decode_step` is that step for full caches:
 - the position is a tensor: the rotary rows are gathered with it, and each layer's new key and value are written
   into the cache's buffers at it (`index_copy_`);
-- attention runs over the whole buffers, the rows past the position masked (at most one growth block, 1/16 of
-  the length, is spare; FullCache zeroes them, as a masked row still multiplies its value by 0);
+- attention runs over the whole buffers, the rows past the position masked (at most one growth block,
+  max(16, length / 16) rows, is spare; FullCache zeroes them, as a masked row still multiplies its value by 0);
 - the buffers still grow in blocks (`FullCache.reserve`), and their length is marked dynamic, so one compilation
   serves every length.
 
@@ -26,7 +26,9 @@ import torch
 
 from .attention import grouped_decode_attention
 from .cache import FullCache
+from .generate import decode_step, full_caches, prefill
 from .model import Llama
+from .quant import MkldnnLinear, cpu_layout
 
 
 def static_decode_step(model: Llama, token: torch.Tensor, pos: torch.Tensor, ks: list[torch.Tensor],
@@ -51,9 +53,10 @@ def static_decode_step(model: Llama, token: torch.Tensor, pos: torch.Tensor, ks:
 class CompiledDecoder:
     """A drop-in for `decode_step(model, token, caches, pos)` over full caches, through torch.compile.
 
-    The first call compiles: about 50 s for the default model on 2 cores, at every start (freezing bypasses
-    Inductor's on-disk cache), so it pays only over long generations. If compiling fails (no C++ compiler, say),
-    one line goes to stderr and the step runs eagerly from then on: the same function, uncompiled."""
+    The first call compiles: about 50 s for the default model on 2 cores, at every start (Inductor's counters show
+    its on-disk graph cache bypassed with freezing), so it pays only over long generations. If compiling fails (no
+    C++ compiler, say), one line goes to stderr, the model's matrices are packed as `load_model` packs them, and
+    `decode_step` runs from then on: the eager model, as without --compile."""
 
     def __init__(self, model: Llama, compile: bool = True, mode: str | None = None):
         """mode: torch.compile's; "reduce-overhead" replays the step as a CUDA graph (bench/bench_gpu_compile.py)."""
@@ -61,14 +64,14 @@ class CompiledDecoder:
         def step(token, pos, ks, vs):  # the model from the closure: its weights are attributes, which freezing
             return static_decode_step(model, token, pos, ks, vs)  # turns into graph constants and packs
 
-        self.model, self.eager, self.mode = model, step, mode
+        assert not any(isinstance(m, MkldnnLinear) for m in model.modules()), \
+            "a model loaded with prepack=False: tinygen's packed layers do not compile"
+        self.model, self.mode = model, mode
         self.step = torch.compile(step, fullgraph=True, mode=mode) if compile else step
-        self.compiled, self.first = compile, True
+        self.compiled, self.first, self.fell_back = compile, True, False
 
     def warm_up(self) -> float:
         """Compile now, on a throwaway cache of one token, so that the first real step does not; returns seconds."""
-        from .generate import full_caches, prefill
-
         t0 = time.perf_counter()
         caches = full_caches(self.model, 2)
         prefill(self.model, [0], caches)
@@ -79,6 +82,9 @@ class CompiledDecoder:
     def __call__(self, model: Llama, token: torch.Tensor, caches: list[FullCache], pos: int) -> torch.Tensor:
         assert model is self.model, "the model this decoder was made for"
         assert all(isinstance(c, FullCache) and c.length == pos for c in caches), "full caches holding pos tokens"
+        assert pos < model.cfg.max_seq_len, f"position {pos} beyond context {model.cfg.max_seq_len}"
+        if self.fell_back:
+            return decode_step(model, token, caches, pos)
         for c in caches:
             c.reserve(pos + 1)
         ks, vs = [c.k for c in caches], [c.v for c in caches]
@@ -102,8 +108,9 @@ class CompiledDecoder:
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             print(f"tinygen: --compile: torch.compile failed ({type(e).__name__}: {reason[:200]}); decoding without "
                   "it", file=sys.stderr)
-            self.step, self.compiled = self.eager, False
-            logits = self.step(token, p, ks, vs)
+            cpu_layout(model, 1)  # the layout eager decoding reads fastest (a write at pos is simply done again)
+            self.compiled, self.fell_back = False, True
+            return decode_step(model, token, caches, pos)
         self.first = False
         for c in caches:
             c.length = pos + 1

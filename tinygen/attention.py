@@ -32,7 +32,8 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """One query token per head against all keys, GQA without repeating K/V.
 
     q: (n_kv_heads * groups, 1, head_dim), k/v: (n_kv_heads, L, head_dim) -> (n_kv_heads * groups, 1, head_dim).
-    visible: (L,) bool, the keys to attend to (default all): buffers longer than what they hold.
+    visible: (L,) bool, the keys to attend to (default all): buffers longer than what they hold. A hidden row gets
+    probability 0 but its value is still multiplied by it, so it must be finite (FullCache zeroes its spare rows).
     """
     n_kv_heads, _, head_dim = k.shape
     dt = compute_dtype(k)

@@ -131,9 +131,13 @@ class FullCache:
         """Reallocate K and V for `rows` tokens plus one block (at most max_len), copying the tokens written."""
         n_kv_heads, _, head_dim = self.k.shape
         capacity = min(self.max_len, rows + self.block_rows(rows))
-        k = self.k.new_zeros(n_kv_heads, capacity, head_dim)  # spare rows zero, not garbage: a step that attends
-        v = torch.zeros_like(k)  # over the whole buffers masked (compiled.py) weighs them by 0, and 0 * NaN is NaN
+        k = self.k.new_empty(n_kv_heads, capacity, head_dim)
+        v = torch.empty_like(k)
         k[:, : self.length], v[:, : self.length] = self.k[:, : self.length], self.v[:, : self.length]
+        # spare rows zero, not garbage: a step that attends over the whole buffers masked (compiled.py) weighs them
+        # by 0, and 0 * NaN is NaN
+        k[:, self.length :].zero_()
+        v[:, self.length :].zero_()
         self.k, self.v = k, v
         self._tables = None  # the kernel's row starts (h * capacity) moved
 

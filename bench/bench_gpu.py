@@ -46,7 +46,8 @@ from tinygen.fastgen.kinds import TokenKinds  # noqa: E402
 from tinygen.fastgen.policy import (FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig, policy_letter,  # noqa: E402
                                     policy_name)
 from tinygen.generate import decode_step, full_caches, prefill  # noqa: E402
-from tinygen.loader import DTYPES, checkpoint_sources  # noqa: E402
+from tinygen.checkpoint import checkpoint_sources  # noqa: E402
+from tinygen.loader import DTYPES  # noqa: E402
 from tinygen.model import Llama  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from tinygen import quant
 from tinygen.errors import TinygenError
 from tinygen.generate import full_caches
-from tinygen.loader import checkpoint_sources, load_model, read_config
+from tinygen.checkpoint import checkpoint_sources
+from tinygen.loader import load_model, read_config
 from tinygen.quant import Int4Linear, Int8Linear, dequantize_int4, q4_1_to_int4, quantize_model
 
 sys.path.insert(0, str(ROOT / "weights"))

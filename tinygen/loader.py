@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from .checkpoint import checkpoint_sources, open_safetensors, shard_map
 from .config import ModelConfig
 from .errors import TinygenError
 from .model import Llama
@@ -49,49 +49,6 @@ def read_config(model_dir: Path) -> ModelConfig:
     return ModelConfig.from_hf(raw)
 
 
-def checkpoint_sources(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    """Our parameter -> the HF tensors (name, shape) whose rows are stacked into it (q|k|v and gate|up are fused)."""
-    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
-    m = {"embed.weight": [("model.embed_tokens.weight", (cfg.vocab_size, d))], "norm.weight": [("model.norm.weight", (d,))]}
-    if not cfg.tie_embeddings:
-        m["lm_head.weight"] = [("lm_head.weight", (cfg.vocab_size, d))]
-    for i in range(cfg.n_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        m[ours + "attn_norm.weight"] = [(hf + "input_layernorm.weight", (d,))]
-        m[ours + "attn.wqkv.weight"] = [(hf + "self_attn.q_proj.weight", (q, d)), (hf + "self_attn.k_proj.weight", (kv, d)),
-                                        (hf + "self_attn.v_proj.weight", (kv, d))]
-        m[ours + "attn.wo.weight"] = [(hf + "self_attn.o_proj.weight", (d, q))]
-        m[ours + "ffn_norm.weight"] = [(hf + "post_attention_layernorm.weight", (d,))]
-        m[ours + "ffn.w13.weight"] = [(hf + "mlp.gate_proj.weight", (f, d)), (hf + "mlp.up_proj.weight", (f, d))]
-        m[ours + "ffn.w2.weight"] = [(hf + "mlp.down_proj.weight", (d, f))]
-    return m
-
-
-def shard_map(model_dir: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise TinygenError(f"cannot read {index}: {e}") from None
-        return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise TinygenError(f"incomplete model directory {model_dir}: no model.safetensors or model.safetensors.index.json")
-    with _open(single) as f:
-        return {name: single for name in f.keys()}
-
-
-def _open(path: Path):
-    if not path.is_file():
-        raise TinygenError(f"missing weight file {path}")
-    try:
-        return safe_open(str(path), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error types for bad headers and truncation
-        raise TinygenError(f"corrupt or truncated safetensors file {path.name}: {e}") from None
-
-
 def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32", quantize: str | None = None,
                batch: int = 1, prepack: bool = True) -> Llama:
     """Load a Llama checkpoint directory onto `device` in `dtype` ("float32", "bfloat16" or "float16").
@@ -121,7 +78,7 @@ def load_model(model_dir: str | Path, device: str = "cpu", dtype: str = "float32
                     raise TinygenError(f"checkpoint is missing tensor {src}")
                 path = where[src]
                 if path not in handles:
-                    handles[path] = _open(path)
+                    handles[path] = open_safetensors(path)
                 try:
                     t = handles[path].get_tensor(src)
                 except Exception as e:

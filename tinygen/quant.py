@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checkpoint import checkpoint_sources, open_safetensors
 from .errors import TinygenError
 
 MODES = ("int8", "int4")
@@ -150,8 +151,7 @@ class Q4_1Blocks:
     codes (column 2i in the low nibble), `NAME.d` and `NAME.m` (rows, cols/32) float16; w = d * q + m."""
 
     def __init__(self, path: Path):
-        from .loader import _open
-        self.path, self.file = path, _open(path)
+        self.path, self.file = path, open_safetensors(path)
         self.names = {k.rsplit(".", 1)[0] + ".weight" for k in self.file.keys()}
 
     def get(self, name: str):
@@ -168,8 +168,6 @@ def quantize_model(model: nn.Module, mode: str, model_dir: Path, dtype: torch.dt
     (embedding, norms) to `dtype`. Returns where the int4 weights came from ("q4_1 blocks" or "float weights").
 
     reference=True: dense nn.Linear layers holding the dequantized weights instead (a float32 reference)."""
-    from .loader import checkpoint_sources
-
     device = model.embed.weight.device
     if not reference:
         check_mode(mode, device)

@@ -35,8 +35,6 @@ def parse_args(argv):
                    "auto at T = 0.90/0.95/0.98/0.99")
     p.add_argument("--kv-budgets", default=None, metavar="F,F,...", help="with --sweep: the budget profile's points "
                    "(default 0.55,0.65,0.70,0.80)")
-    p.add_argument("--floors", default=None, metavar="F,F,...", help="with --sweep: also run the budget profile "
-                   "at these head floors (below 1, memory moves between heads)")
     p.add_argument("--thresholds", default=None, metavar="T,T,...", help="with --sweep: the paper profile's points "
                    "(default 0.90,0.95,0.98,0.99)")
     p.add_argument("--policy", default="auto", help="without --sweep: auto, a fixed policy (e.g. local+frequent) or "
@@ -57,8 +55,6 @@ def parse_args(argv):
     p.add_argument("--frequent-ratio", type=float, default=0.3, help="r_f in [0, 1] (fixed policies, paper profile)")
     p.add_argument("--free-run", action="store_true", help="also decode each compressed cache freely to find where "
                    "it departs (by default that index is read off the teacher-forced run, which is equivalent)")
-    p.add_argument("--diagnose", action="store_true", help="with auto: per layer, how much of the fidelity gap a "
-                   "full cache in that layer closes (one extra teacher-forced run per layer and prompt)")
     p.add_argument("--ctx", type=int, default=4096, help="long-context window in tokens (default 4096)")
     p.add_argument("--windows", type=int, default=1, help="long-context windows to score (default 1)")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -89,20 +85,18 @@ def parse_args(argv):
               (a.ctx >= 2, "--ctx must be at least 2"),
               (a.windows >= 1, "--windows must be at least 1"),
               (a.threads >= 0, "--threads must be >= 0"),
-              (not (a.diagnose and (a.sweep or a.policy != "auto")), "--diagnose works on one auto run, "
-               "without --sweep"),
               (not (a.sweep and a.policy not in ("auto",)), "--sweep runs every policy: leave out --policy"),
               (a.turns >= 1, "--turns must be at least 1"),
               (a.turns == 1 or a.prompts, "--turns needs --prompts FILE"),
-              (a.turns == 1 or not (a.sweep or a.diagnose or a.long_context or a.free_run),
-               "--turns runs on its own: leave out --sweep, --diagnose, --long-context and --free-run"),
+              (a.turns == 1 or not (a.sweep or a.long_context or a.free_run),
+               "--turns runs on its own: leave out --sweep, --long-context and --free-run"),
               (a.fixed is None or a.turns > 1, "--fixed goes with --turns"),
               (not a.fresh or a.turns > 1, "--fresh goes with --turns"),
               (a.fixed is None or a.policy == "auto", "--fixed is matched to auto: leave out --policy")]
     for ok, message in checks:
         if not ok:
             p.error(message)
-    for name in ("kv_budgets", "thresholds", "floors"):
+    for name in ("kv_budgets", "thresholds"):
         text = getattr(a, name)
         if text is None:
             continue
@@ -112,7 +106,7 @@ def parse_args(argv):
             values = tuple(float(x) for x in text.split(","))
         except ValueError:
             p.error(f"--{name.replace('_', '-')}: give numbers separated by commas, got {text!r}")
-        if not all(0 < x <= 1 or (name == "floors" and x == 0) for x in values):
+        if not all(0 < x <= 1 for x in values):
             p.error(f"--{name.replace('_', '-')}: each value must be in (0, 1], got {text!r}")
         setattr(a, name, values)
     sys.path.insert(0, str(ROOT))
@@ -205,23 +199,8 @@ def run(a) -> int:
         prompts = encode_prompts(tok, prompts)
         log(f"{len(prompts)} prompts, {min(len(p['ids']) for p in prompts)}-{max(len(p['ids']) for p in prompts)} "
             f"tokens, up to {a.max_new_tokens} new tokens each, on {device} ({a.dtype})")
-        if a.diagnose:
-            from tinygen.eval.diagnose import layer_repair, repair_table
-            from tinygen.eval.runner import reference_run
-
-            results = []
-            for n, p in enumerate(prompts, 1):
-                ref = reference_run(model, p["ids"], a.max_new_tokens, tok.eos_ids)
-                results.append(dict(layer_repair(model, tok, ref, method), id=p["id"]))
-                log(f"[diagnose {n}/{len(prompts)}] prompt {p['id']}: KL {results[-1]['kl']:.4f}")
-            write_json_atomic(out / f"{stem}_diagnose.json", dict(meta, method=method.to_json(), prompts=results))
-            write_text_atomic(out / f"{stem}_diagnose.md", f"# {stem}: layer repair\n\n`{meta['command']}`\n\n"
-                        + repair_table(results))
-            print(repair_table(results))
-            return 0
         if a.sweep:
-            points = {k: v for k, v in (("kv_budgets", a.kv_budgets), ("thresholds", a.thresholds),
-                                        ("floors", a.floors)) if v}
+            points = {k: v for k, v in (("kv_budgets", a.kv_budgets), ("thresholds", a.thresholds)) if v}
             records, matching = sweep(model, tok, prompts, a.max_new_tokens, local_ratio=a.local_ratio,
                                       frequent_ratio=a.frequent_ratio, run_free=a.free_run, calibration=cal,
                                       shapes=a.shapes, **points)

@@ -8,7 +8,7 @@ thread of this 2-core CPU, nearly all of it the sensitivity pass.)
 Why: on the default model, moving memory between heads by the prompt's own profile lost to an even split, every way
 it was tried (README, Evaluation): the prompt under-rates the layers whose generated tokens lean on the prompt. What
 the prompt does not say, generation on other prompts does. For each calibration prompt the full cache decodes
-greedily while recording caches (tinygen.eval.predict.RecordingCache) keep every layer's attention; for each layer,
+greedily while recording caches (tinygen.eval.recording.RecordingCache) keep every layer's attention; for each layer,
 KV head and budget-menu option (tinygen.fastgen.budget.MENU) the recovery is the mean over generated rows of the
 attention on the prompt keys the option keeps at the end of prefill (ranked as the stores rank them: mean attention
 since arrival over every prompt row) plus the attention on generated tokens (they enter the cache). The file holds
@@ -35,7 +35,7 @@ DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
 def layer_curves(prompt_attn: torch.Tensor, gen: torch.Tensor, menu) -> torch.Tensor:
     """One layer of one prompt: (heads, options) recovery of the generated rows' attention under each option.
     prompt_attn: (heads, L, L) the prefill's (group-averaged) attention; gen: (heads, R, N >= L) generated rows."""
-    from tinygen.eval.predict import actual_recovery, kept_masks
+    from tinygen.eval.recording import actual_recovery, kept_masks
     from tinygen.fastgen.budget import rank_key
 
     L = prompt_attn.shape[1]
@@ -45,7 +45,7 @@ def layer_curves(prompt_attn: torch.Tensor, gen: torch.Tensor, menu) -> torch.Te
 
 def calibrate(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids=frozenset(), menu=None, log=None):
     """(n_layers, len(menu)) recovery curves averaged over prompts and each layer's heads, and the generated rows."""
-    from tinygen.eval.predict import record
+    from tinygen.eval.recording import record
     from tinygen.fastgen.budget import MENU
 
     menu = MENU if menu is None else menu
@@ -65,10 +65,38 @@ def calibrate(model, prompt_ids: list[list[int]], max_new_tokens: int, eos_ids=f
     return total / used, rows
 
 
+def layer_repair(model, tok, ref, method) -> dict:
+    """The all-compressed run's KL and agreement against the reference (tinygen.eval.runner.Reference), and per layer
+    the same with that one layer's cache full. Later layers then see a slightly different input, so a layer's gain is
+    what it costs in context, not an exact share of the gap."""
+    from tinygen.eval.methods import build_caches, policy_names
+    from tinygen.eval.metrics import mean, step_metrics
+    from tinygen.eval.runner import teacher_forced
+    from tinygen.generate import full_caches
+
+    max_len = len(ref.prompt_ids) + len(ref.targets)
+
+    def score(full_layer):
+        caches, on_tokens = build_caches(model, tok, method, max_len)
+        if full_layer is not None:
+            caches[full_layer] = full_caches(model, max_len)[0]
+        m = step_metrics(ref.logprobs, teacher_forced(model, ref.prompt_ids, ref.targets, caches, on_tokens),
+                         ref.targets)
+        return mean(m["kl"]), mean(m["agree"]), caches
+
+    kl, agree, caches = score(None)
+    policies = policy_names(caches)
+    layers = []
+    for layer in range(model.cfg.n_layers):
+        lkl, lagree, _ = score(layer)
+        layers.append({"layer": layer, "policies": policies[layer], "kl": lkl, "agreement": lagree,
+                       "kl_gain": kl - lkl, "agreement_gain": lagree - agree})
+    return {"kl": kl, "agreement": agree, "layers": layers}
+
+
 def sensitivity(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, kv_budget: float, log=None):
     """(n_layers,) the mean KL (nats) a full cache in each layer closes while every other layer keeps kv_budget
-    evenly (the layer repair of tinygen.eval.diagnose, teacher-forced along the full cache's greedy tokens)."""
-    from tinygen.eval.diagnose import layer_repair
+    evenly (layer_repair, teacher-forced along the full cache's greedy tokens)."""
     from tinygen.eval.methods import Method
     from tinygen.eval.runner import reference_run
 

@@ -24,7 +24,6 @@ class Method:
     matched_to: float | None = field(default=None, compare=False)  # the kv_budget whose kept fraction it matches
     profile: str = "paper"  # auto only: "paper" (threshold) or "budget" (kv_budget)
     kv_budget: float = 0.7
-    head_floor: float = FastGenConfig.head_floor  # budget profile: no head below this share of kv_budget
     layer_budgets: tuple[float, ...] | None = None  # budget profile: each layer's share (from a calibration)
     shapes: str = FastGenConfig.shapes  # budget profile: local+frequent, or the shape each head's profile picks
 
@@ -42,23 +41,22 @@ class Method:
         if self.policy == "auto":
             if self.profile == "paper":
                 return f"auto T={self.threshold:g}"
-            floor = "" if self.head_floor == FastGenConfig.head_floor else f" floor={self.head_floor:g}"
             calibrated = " calibrated" if self.layer_budgets else ""
             shapes = "" if self.shapes == FastGenConfig.shapes else f" shapes={self.shapes}"
-            return f"auto budget={self.kv_budget:g}{floor}{calibrated}{shapes}"
+            return f"auto budget={self.kv_budget:g}{calibrated}{shapes}"
         if self.policy == "full":
             return "full"
         return f"{self.policy} r={self.ratio:.3f}"
 
     def fastgen_config(self) -> FastGenConfig:
-        return FastGenConfig(self.policy, self.profile, self.kv_budget, head_floor=self.head_floor,
+        return FastGenConfig(self.policy, self.profile, self.kv_budget,
                              layer_budgets=self.layer_budgets, shapes=self.shapes,
                              threshold=self.threshold, local_ratio=self.local_ratio, frequent_ratio=self.frequent_ratio)
 
     def to_json(self) -> dict:
         d = {"policy": self.policy, "label": self.label}
         if self.policy == "auto" and self.profile == "budget":
-            d.update(profile="budget", kv_budget=self.kv_budget, head_floor=self.head_floor,
+            d.update(profile="budget", kv_budget=self.kv_budget,
                      layer_budgets=list(self.layer_budgets) if self.layer_budgets else None, shapes=self.shapes)
         elif self.policy == "auto":
             d.update(profile="paper", threshold=self.threshold, local_ratio=self.local_ratio,

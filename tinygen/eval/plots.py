@@ -41,9 +41,7 @@ def sweep_plot(sums: list[dict], path: Path, title: str = ""):
     for s in sums:
         x, m = s["summary"], s["method"]
         name = f"auto ({m.get('profile', 'paper')})" if m["policy"] == "auto" else m["policy"]
-        if m.get("head_floor", 1.0) != 1.0:
-            name = f"auto (budget, head floor {m['head_floor']:g})"
-        elif m.get("layer_budgets"):
+        if m.get("layer_budgets"):
             name = "auto (budget, calibrated)"
         if m.get("shapes") == "profile":  # heads in the shape their prompt's profile picks
             name = name[:-1] + ", profile shapes)"
@@ -51,7 +49,7 @@ def sweep_plot(sums: list[dict], path: Path, title: str = ""):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, pts in lines.items():
         pts.sort(key=lambda p: p[0])
-        style = dict(marker="o", lw=2.5 if name.startswith("auto (budget") and "floor" not in name else 1.3,
+        style = dict(marker="o", lw=2.5 if name.startswith("auto (budget") else 1.3,
                      label=name)
         a1.plot([p[0] for p in pts], [p[1] for p in pts], **style)
         a2.plot([p[0] for p in pts], [p[2] for p in pts], **style)

@@ -66,10 +66,9 @@ def summaries(records: list[dict]) -> list[dict]:
 
 def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRESHOLDS, kv_budgets=KV_BUDGETS,
           fixed=SWEEP_FIXED, local_ratio: float = 0.3, frequent_ratio: float = 0.3, run_free: bool = False,
-          floors=(), calibration=None, shapes: str = FastGenConfig.shapes):
+          calibration=None, shapes: str = FastGenConfig.shapes):
     """auto (budget profile) at each kv_budget and the paper's auto at each threshold, then each fixed policy with its
-    ratio matched to the budget profile's mean kept fraction at each point. `floors`: extra budget-profile runs at
-    these head floors (the default floor's run is the one fixed policies are matched to).
+    ratio matched to the budget profile's mean kept fraction at each point.
 
     Two passes over the prompts, sharing each prompt's full-cache reference: pass 1 runs auto and records each run's
     lengths; the matching needs nothing else, because a fixed policy without special/punct keeps a number of tokens
@@ -80,12 +79,10 @@ def sweep(model, tok, prompts: list[dict], max_new_tokens: int, thresholds=THRES
     refs: dict = {}
     budgets = [Method("auto", profile="budget", kv_budget=b, shapes=shapes,
                       layer_budgets=None if calibration is None else calibration.budgets(b)) for b in kv_budgets]
-    if calibration is not None:  # the same budgets spread evenly, for comparison
-        floors = (1.0, *[f for f in floors if f != 1.0])
-    floored = [Method("auto", profile="budget", kv_budget=b, head_floor=f, shapes=shapes) for b in kv_budgets
-               for f in floors]
+    evens = [] if calibration is None else [Method("auto", profile="budget", kv_budget=b, shapes=shapes)
+                                             for b in kv_budgets]  # the same budgets spread evenly, for comparison
     papers = [Method("auto", t, local_ratio, frequent_ratio, profile="paper") for t in thresholds]
-    records = run_methods(model, tok, prompts, budgets + floored + papers, max_new_tokens, run_free, "auto ", refs)
+    records = run_methods(model, tok, prompts, budgets + evens + papers, max_new_tokens, run_free, "auto ", refs)
     lengths = {}
     for r in records:  # (prompt length, length at the end) of each prompt, the same for every threshold
         lengths[r["id"]] = (r["prompt_tokens"], r["length"])

@@ -1,8 +1,8 @@
-"""Budgets per layer: does moving the budget profile's memory between layers (FastGenConfig.layer_budgets) beat the
-uniform default at the same kept fraction? An experiment for issue 8, not what `--policy auto` runs.
+"""A study: does moving the budget profile's memory between layers (FastGenConfig.layer_budgets) beat the uniform
+split at the same kept fraction? It led to the calibration (docs/evaluation.md); not what `--policy auto` runs.
 
-    python bench/eval_layer_budgets.py --start 0 --limit 20                 # MT-Bench first turns 1-20
-    python bench/eval_layer_budgets.py --start 40 --limit 20 --out DIR      # held out: 41-60
+    python bench/studies/layer_budgets.py --start 0 --limit 20                 # MT-Bench first turns 1-20
+    python bench/studies/layer_budgets.py --start 40 --limit 20 --out DIR      # held out: 41-60
 
 Method (also written beside the results):
 - The default model in float32 on the CPU. For each prompt (MT-Bench first turn through the chat template) the full
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import EVAL_DIR, machine_lines, write_report  # noqa: E402
@@ -108,7 +108,7 @@ def main():
                                                     for s in a.schedules), flush=True)
     lines = [f"# Budgets per layer: MT-Bench first turns {a.start + 1}-{a.start + len(prompts)}, kv_budget "
              f"{a.kv_budget}", "", *(f"- {m}" for m in machine_lines()),
-             f"- command: `python bench/eval_layer_budgets.py {' '.join(sys.argv[1:])}`", "",
+             f"- command: `python bench/studies/layer_budgets.py {' '.join(sys.argv[1:])}`", "",
              "| schedule | kept | top-1 agreement | KL (nats) | KL vs uniform (mean diff ± s.e.) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     base = rows["uniform"]

@@ -1,13 +1,13 @@
-"""Per-prompt differences between one method and every other at the same memory, from a sweep's per-prompt records.
+"""A study tool: per-prompt differences between one method and every other at the same memory, from a sweep's
+per-prompt records (the paired figures of docs/evaluation.md).
 
-    python bench/eval_paired.py bench/results/eval_sweep_prompts.jsonl bench/results/eval_sweep_065_080_prompts.jsonl
-    python bench/eval_paired.py bench/results/eval_outside_prompts.jsonl --method "auto budget=0.8"
+    python bench/studies/paired.py bench/results/eval_sweep_prompts.jsonl bench/results/eval_sweep_065_080_prompts.jsonl
+    python bench/studies/paired.py bench/results/eval_outside_prompts.jsonl --method "auto budget=0.8"
 
 Means side by side hide how much of a gap is noise: each prompt is run by every method, so the difference per prompt
 (this method minus the other) and its standard error say whether a gap holds across prompts. For each run of
 --method (default: every calibrated `auto`, the default method) it prints, against every method whose mean kept
 fraction is within --tolerance, the mean of the per-prompt KL and top-1 agreement differences ± their standard error.
-The README's paired figures come from here.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from tinygen.eval.turns_report import change  # noqa: E402

@@ -1,6 +1,7 @@
-"""python -m tinygen.eval.predict: how well prompt-time profiles predict the attention of the generated tokens.
+"""A study: how well prompt-time profiles predict the attention of the generated tokens (bench/results/eval_predict.md,
+made as `python -m tinygen.eval.predict` before it moved here; docs/evaluation.md says what it decided).
 
-    python -m tinygen.eval.predict --prompts ../shared/eval/mt_bench.jsonl --limit 20 --max-new-tokens 64 --threads 1
+    python bench/studies/predict.py --prompts ../shared/eval/mt_bench.jsonl --limit 20 --max-new-tokens 64 --threads 1
 
 For each prompt the full cache decodes greedily while a recording cache (RecordingCache, same interface as
 tinygen.cache.FullCache, attention through tinygen.attention.dense_attention) keeps every layer's group-averaged
@@ -23,111 +24,16 @@ from pathlib import Path
 
 import torch
 
-from tinygen.attention import dense_attention
-from tinygen.cache import FullCache
-from tinygen.cliutil import OneLineParser, run_main, write_json_atomic, write_text_atomic
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench.studies.predict_report import markdown, summarise  # noqa: E402
+from tinygen.cliutil import OneLineParser, run_main, write_json_atomic, write_text_atomic  # noqa: E402
+from tinygen.eval.recording import actual_recovery, kept_masks, record  # noqa: E402
+
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
-OBSERVATION = 32
-SMALL = (0.05, 0.30)  # the "small share" range of the over-prediction summary (inclusive)
-FOCUS = range(17, 25)  # layers 17-24: where the layer-repair diagnosis found the costliest heads
+OBSERVATION = 32  # the budget profile's observation window: the last 32 prompt rows
 F70 = "f70"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Recording
-
-
-class RecordingCache(FullCache):
-    """A full cache that also keeps the group-averaged attention probabilities of every query row.
-
-    prompt_attn: (n_kv_heads, L, L) float32, the prefill's rows; gen_rows: one (n_kv_heads, length) float32 per
-    decode row (keys 0..its own position)."""
-
-    def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device, dtype):
-        super().__init__(n_kv_heads, head_dim, max_len, device, dtype, paths=("blocks", "torch"))
-        self.prompt_attn: torch.Tensor | None = None
-        self.gen_rows: list[torch.Tensor] = []
-
-    def attend(self, q, k, v):
-        start, T = self.length, k.shape[1]
-        keys, values = self.append(k, v)
-        end = self.length
-        mask = torch.arange(end, device=q.device) <= start + torch.arange(T, device=q.device)[:, None]  # (T, end)
-        out, probs = dense_attention(q, keys, values, mask)
-        group = probs.view(self.n_kv_heads, -1, T, end).mean(dim=1).cpu()  # (n_kv_heads, T, end): GQA group mean
-        if start == 0:
-            self.prompt_attn = group
-        else:
-            self.gen_rows += [group[:, t, : start + t + 1] for t in range(T)]
-        return out
-
-    def gen_attn(self) -> torch.Tensor:
-        """(n_kv_heads, R, L + R) the generated rows, zero beyond each row's own position."""
-        R = len(self.gen_rows)
-        n = self.length
-        out = torch.zeros(self.n_kv_heads, R, n)
-        for r, row in enumerate(self.gen_rows):
-            out[:, r, : row.shape[1]] = row
-        return out
-
-
-@torch.inference_mode()
-def record(model, prompt_ids: list[int], max_new_tokens: int, eos_ids=frozenset()):
-    """Greedy decoding through recording caches: (caches, generated tokens). Every generated token except an EOS is
-    fed back, so up to max_new_tokens generated rows are recorded (the last token's row included)."""
-    cfg, w = model.cfg, model.embed.weight
-    caches = [RecordingCache(cfg.n_kv_heads, cfg.head_dim, len(prompt_ids) + max_new_tokens, w.device, w.dtype)
-              for _ in range(cfg.n_layers)]
-    logits = model(torch.tensor(prompt_ids, device=w.device), caches, 0, last_only=True)[0]
-    out = []
-    while len(out) < max_new_tokens:
-        token = int(logits.argmax())
-        out.append(token)
-        if token in eos_ids:
-            break
-        logits = model(torch.tensor([token], device=w.device), caches, len(prompt_ids) + len(out) - 1)[0]
-    return caches, out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Kept sets and recoveries
-
-
-def kept_masks(key: torch.Tensor, menu) -> torch.Tensor:
-    """(heads, options, L) bool: what each option keeps of the prompt: its window (the last tokens), then its heavy
-    hitters among the older tokens, best `key` first (ties: the earlier position), as option_recoveries counts."""
-    heads, L = key.shape
-    order = key.argsort(dim=1, descending=True, stable=True)  # (heads, L)
-    out = torch.zeros(heads, len(menu), L, dtype=torch.bool)
-    for i, o in enumerate(menu):
-        kept = o.kept(L)
-        if kept >= L:
-            out[:, i] = True
-            continue
-        w = o.window(L)
-        outside = order < L - w
-        rank = outside.long().cumsum(dim=1)  # 1-based rank among the older tokens
-        chosen = outside & (rank <= kept - w)
-        mask = torch.zeros(heads, L, dtype=torch.bool)
-        mask.scatter_(1, order, chosen)
-        mask[:, L - w :] = True
-        out[:, i] = mask
-    return out
-
-
-def actual_recovery(gen: torch.Tensor, L: int, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gen: (heads, R, N >= L) generated rows; keep: (heads, options, L) prompt keys kept.
-
-    Returns (c, c'), each (heads, options): the mean over rows of the mass on kept prompt keys plus the mass on
-    generated tokens (c), and of the kept prompt mass over the row's prompt mass (c')."""
-    prompt = gen[:, :, :L].double()
-    kept = torch.einsum("hrl,hol->hro", prompt, keep.double())  # (heads, R, options)
-    pm = prompt.sum(-1, keepdim=True)  # (heads, R, 1)
-    c = (kept + (1 - pm)).mean(1)
-    cp = (kept / pm.clamp(min=1e-30)).mean(1)
-    return c.float(), cp.float()
 
 
 def paper_kept(colsum: torch.Tensor, kinds: torch.Tensor, cfg) -> torch.Tensor:
@@ -209,7 +115,7 @@ def allocation_study(rec_b: torch.Tensor, c: torch.Tensor, L: int, menu, target:
 
 
 def parse_args(argv):
-    p = OneLineParser(prog="python -m tinygen.eval.predict", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python bench/studies/predict.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--prompts", metavar="FILE", required=True, help="JSONL or JSON list (MT-Bench: first turns)")
     p.add_argument("--limit", type=int, help="use the first N prompts")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -232,7 +138,6 @@ def log(msg):
 
 
 def run(a) -> int:
-    from tinygen.eval.predict_report import markdown, summarise
     from tinygen.eval.prompts import load_prompts, machine
     from tinygen.eval.sweep import encode_prompts
     from tinygen.fastgen.budget import MENU
@@ -280,7 +185,7 @@ def run(a) -> int:
             "machine": machine(), "prompts_file": a.prompts, "limit": a.limit, "max_new_tokens": a.max_new_tokens,
             "observation": OBSERVATION, "prompt_tokens": f"{min(lens)}-{max(lens)}",
             "generated_rows": rows, "seconds": time.perf_counter() - t0,
-            "command": "python -m tinygen.eval.predict " + " ".join(sys.argv[1:])}
+            "command": "python bench/studies/predict.py " + " ".join(sys.argv[1:])}
     per_head = {k: torch.stack([r[k] for r in per_prompt]).mean(0).round(decimals=4).tolist()
                 for k in ("a", "b", "c", "cp")}  # (layers, heads, options), means over prompts
     write_json_atomic(out / f"{a.tag}.json", dict(meta, summary=S, menu=[o.label for o in MENU], per_head=per_head,
@@ -292,7 +197,6 @@ def run(a) -> int:
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, str(ROOT))
     return run_main(run, parse_args(sys.argv[1:] if argv is None else argv))
 
 

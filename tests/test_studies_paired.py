@@ -1,4 +1,4 @@
-"""bench/eval_paired.py on hand-made records: per-prompt differences and their standard error, same memory only."""
+"""bench/studies/paired.py on hand-made records: per-prompt differences and their standard error, same memory only."""
 import json
 import subprocess
 import sys
@@ -15,7 +15,7 @@ def test_paired_differences_by_hand(tmp_path):
     rows += [rec("sinks r=0.5", 0.55, 1.0, 0.5, n) for n in (50, 60)]  # other memory: left out
     f = tmp_path / "s_prompts.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "eval_paired.py"), str(f)], capture_output=True,
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "studies" / "paired.py"), str(f)], capture_output=True,
                          text=True, check=True).stdout
     # KL differences -0.1 and -0.3: mean -0.2, standard error stdev/sqrt(2) = 0.1414/1.414 = 0.1;
     # agreement +0.1 and 0.0: mean +0.05, standard error 0.05

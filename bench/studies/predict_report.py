@@ -1,4 +1,4 @@
-"""The report of `python -m tinygen.eval.predict`: summaries over prompts (errors, correlations, per layer, per
+"""The report of the prediction study (bench/studies/predict.py): summaries over prompts (errors, correlations, per layer, per
 option, the allocation study) and the markdown page."""
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .predict import FOCUS, OBSERVATION, SMALL
+SMALL = (0.05, 0.30)  # the "small share" range of the over-prediction summary (inclusive)
+FOCUS = range(17, 25)  # layers 17-24: where the layer-repair diagnosis found the costliest heads
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -141,7 +142,7 @@ def markdown(S: dict, meta: dict) -> str:
          f"decoding, {meta['generated_rows']} generated rows in all (up to {meta['max_new_tokens']} per prompt). "
          f"Machine: {meta['machine']['processor']}, {meta['machine']['platform']}. Wall time {meta['seconds']:.0f} s.\n",
          "Per KV head (30 layers x 3) and per budget-menu option except `full` (f/h at shares 0.05..0.95, "
-         f"{S['options']} options): (a) predicted recovery from all prompt rows, (b) from the last {OBSERVATION} prompt "
+         f"{S['options']} options): (a) predicted recovery from all prompt rows, (b) from the last {meta['observation']} prompt "
          "rows (the budget profile's observation window), (c) actual: mean over generated rows of the attention on "
          "the prompt keys the option keeps at the end of prefill (ranked as in (b)) plus the attention on generated "
          "tokens (kept, since they enter the cache), (c') kept prompt mass / the row's prompt mass (generated "

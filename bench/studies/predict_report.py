@@ -1,5 +1,5 @@
-"""The report of the prediction study (bench/studies/predict.py): summaries over prompts (errors, correlations, per layer, per
-option, the allocation study) and the markdown page."""
+"""The report of the prediction study (bench/studies/predict.py): summaries over prompts (errors, correlations, per
+layer, per option, the allocation study) and the markdown page."""
 from __future__ import annotations
 
 import math

@@ -6,7 +6,7 @@
 thread of this 2-core CPU, nearly all of it the sensitivity pass.)
 
 Why: on the default model, moving memory between heads by the prompt's own profile lost to an even split, every way
-it was tried (README, Evaluation): the prompt under-rates the layers whose generated tokens lean on the prompt. What
+it was tried (docs/evaluation.md): the prompt under-rates the layers whose generated tokens lean on the prompt. What
 the prompt does not say, generation on other prompts does. For each calibration prompt the full cache decodes
 greedily while recording caches (tinygen.eval.recording.RecordingCache) keep every layer's attention; for each layer,
 KV head and budget-menu option (tinygen.fastgen.budget.MENU) the recovery is the mean over generated rows of the

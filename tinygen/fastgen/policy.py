@@ -57,13 +57,13 @@ class FastGenConfig:
     profile: str = "budget"  # how auto chooses: "budget" (kv_budget) or "paper" (threshold)
     kv_budget: float = 0.7  # budget profile: the kept fraction to spend across the model's KV heads
     observation: int = 32  # budget profile: the prompt's last rows whose attention is profiled (SnapKV's window)
-    head_floor: float = 1.0  # budget profile: no head keeps less than this share of kv_budget (README: below 1,
-    # the allocation moves memory between heads, and on the default model every floor below 1 measured worse)
+    head_floor: float = 1.0  # budget profile: no head keeps less than this share of kv_budget (below 1 the
+    # allocation moves memory between heads; on the default model every floor below 1 measured worse: docs/fastgen.md)
     shapes: str = "local+frequent"  # budget profile: every head keeps its share as half recent window, half heavy
-    # hitters ("local+frequent"), or its prompt's profile picks frequent or local+frequent ("profile"; README: the
-    # profile's pick measured worse than the fixed shape)
+    # hitters ("local+frequent"), or its prompt's profile picks frequent or local+frequent ("profile", which measured
+    # worse than the fixed shape: docs/evaluation.md)
     layer_budgets: tuple[float, ...] | None = None  # budget profile at a floor of 1: each layer's own kept share in
-    # place of kv_budget (an experiment: README, "Budgets per layer"); kv_budget stays the target they average to
+    # place of kv_budget (from a calibration: docs/fastgen.md); kv_budget stays the target they average to
     threshold: float = 0.98  # paper profile: T, the attention a policy must recover
     local_ratio: float = 0.3  # paper profile and fixed policies: r_l
     frequent_ratio: float = 0.3  # paper profile and fixed policies: r_f

@@ -177,7 +177,7 @@ class PolicyStore:
         """Free one row per head: the unprotected token outside the local window with the lowest mean attention
         since it arrived (cumulative score / the length - pos queries that saw it), or, without `frequent`, the
         oldest such token. Ranking by the raw cumulative score (notes decision 6) evicts nearly every new token at
-        once, since it competes with prompt tokens that summed a whole prompt's attention: see README."""
+        once, since it competes with prompt tokens that summed a whole prompt's attention: see docs/fastgen.md."""
         victim = self._rank(rows, length).argmin(dim=1)  # (heads,)
         gone = self.pos[:, :rows].gather(1, victim[:, None]).long()
         byte, bit = gone // 8, (gone % 8).to(torch.uint8)

@@ -25,7 +25,8 @@ def curves(*kinds):
 def test_layer_budgets_hand_cases():
     # A flat layer gains nothing from tokens: it takes the smallest share and the others get the rest.
     assert layer_budgets(curves("flat", "linear"), 0.5) == (0.05, 0.95)  # full (1.0) would pass the target
-    assert layer_budgets(curves("flat", "linear", "linear"), 0.7) == (0.05, 1.0, 1.0)
+    # Both linear layers take full; the flat one takes the rest (0.10: what is left is spent, though it buys nothing).
+    assert layer_budgets(curves("flat", "linear", "linear"), 0.7) == (0.1, 1.0, 1.0)
     # A layer that saturates at 0.3 gets 0.3; the rest goes where it still buys recovery.
     sat = torch.clamp(SHARE / 0.3, max=1.0)
     got = layer_budgets(torch.stack([sat, SHARE]), 0.6)
@@ -46,6 +47,66 @@ def test_sensitivity_weighs_each_layer_by_the_kl_a_unit_of_recovery_closed():
     lin = curves("linear", "linear")
     b = layer_budgets(weigh_by_sensitivity(lin, torch.tensor([0.03, 0.01], dtype=torch.float64), 0.7), 0.5)
     assert b[0] > b[1] and sum(b) <= 1.0 + 1e-9
+
+
+def test_layers_with_no_measured_gain_take_the_leftover():
+    """Issue 23, finding 6: a layer whose KL gain was measured as none has an all-zero curve; the budget it leaves
+    is spent on it, and a kv_budget of 1 keeps every layer whole."""
+    w = weigh_by_sensitivity(curves("linear", "linear"), torch.tensor([0.02, -0.001], dtype=torch.float64), 0.7)
+    assert layer_budgets(w, 0.6) == (1.0, 0.2)
+    assert layer_budgets(w, 1.0) == (1.0, 1.0)
+    assert layer_budgets(w, 1.0, floor=0.75) == (1.0, 1.0)
+
+
+def test_default_calibration_spends_every_budget():
+    """The committed calibration of the default model (two layers measured no gain): at a kv_budget of 1 every layer
+    keeps everything; at the evaluated budgets the shares average to exactly the budget."""
+    path = ROOT / "weights" / "SmolLM2-135M-Instruct.fastgen_calibration.json"
+    cal = read_calibration(path, 30)
+    assert cal.budgets(1.0) == (1.0,) * 30
+    for kv_budget in (0.55, 0.65, 0.7, 0.8):
+        assert sum(cal.budgets(kv_budget)) / 30 == pytest.approx(kv_budget), kv_budget
+
+
+def test_kv_budget_one_keeps_everything_on_a_calibrated_model(tiny_model_dir, tmp_path):
+    """A calibration with layers of no measured gain, at a kv_budget of 1: every token kept, and the logits of the
+    full cache at every step."""
+    from tinygen.cache import kept_fraction
+    from tinygen.fastgen.budget import with_calibration
+    from tinygen.fastgen.cache import fastgen_caches
+    from tinygen.fastgen.kinds import TokenKinds
+    from tinygen.fastgen.policy import FastGenConfig
+    from tinygen.generate import decode_step, full_caches, prefill
+    from tinygen.loader import load_model
+
+    model = load_model(tiny_model_dir)
+    c = model.cfg
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"menu": [o.label for o in MENU], "layer_recovery": curves("linear", "flat", "linear")
+                                .tolist(), "layer_sensitivity": [0.01, 0.0, -0.002], "sensitivity_budget": 0.7,
+                                "layer_floor": 0.75}))
+    cfg = with_calibration(FastGenConfig(kv_budget=1.0, observation=8), path, c.n_layers)
+    assert cfg.layer_budgets == (1.0,) * c.n_layers
+    L, steps = 37, 12
+    ids = torch.randint(3, c.vocab_size, (L + steps,), generator=torch.Generator().manual_seed(8)).tolist()
+
+    def logits(caches, feed):  # teacher-forced along the same tokens
+        feed(ids[:L])
+        out = [prefill(model, ids[:L], caches)]
+        for pos in range(L, L + steps - 1):
+            feed([ids[pos]])
+            out.append(decode_step(model, torch.tensor([ids[pos]]), caches, pos))
+        return torch.stack(out)
+
+    got = []
+    for policy in (cfg, FastGenConfig(policy="full")):  # calibrated at 1, then every head on the `full` policy
+        kinds = TokenKinds([0] * c.vocab_size, L + steps, torch.device("cpu"))
+        caches = fastgen_caches(model, kinds, policy, L + steps)
+        got.append(logits(caches, kinds.append))
+        assert kept_fraction(caches) == 1.0
+    assert torch.equal(got[0], got[1])
+    # the engine's plain full cache: prefill's block-wise attention and the fused kernel differ by float rounding
+    torch.testing.assert_close(got[0], logits(full_caches(model, L + steps), lambda ids: None), atol=1e-5, rtol=0)
 
 
 def test_calibrate_tiny_model_curves_are_recoveries(tiny_model_dir):
@@ -106,9 +167,9 @@ def test_cli_spreads_the_budget_by_the_model_directory_calibration(chat_model, t
     r = cli(*args)
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())
-    assert stats["layer_budgets"] == [0.05, 1.0, 1.0] and stats["calibration"] == str(model / CALIBRATION_FILE)
+    assert stats["layer_budgets"] == [0.1, 1.0, 1.0] and stats["calibration"] == str(model / CALIBRATION_FILE)
     assert [set(layer) for layer in stats["policies"]][1:] == [{"full"}, {"full"}]
-    assert all(p.endswith("r_f=0.05") or "r_l=0.025" in p for p in stats["policies"][0]), stats["policies"][0]
+    assert all(p.endswith("r_f=0.1") or "r_l=0.05" in p for p in stats["policies"][0]), stats["policies"][0]
     r = cli(*args, "--calibration", "none")
     assert r.returncode == 0, r.stderr
     stats = json.loads(out.read_text())

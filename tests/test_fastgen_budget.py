@@ -72,21 +72,97 @@ def test_allocation_meets_the_target_and_beats_every_uniform_allocation():
         assert float(cost[choice].min()) < 0.8 * target, "without the floor, some heads go below it"
 
 
-def test_allocation_is_near_the_exhaustive_optimum():
+def brute_force(rec, cost, target, floor=0.0):
+    """The best total recovery over every allocation of the options at or above floor x target that fits (None if
+    none fits)."""
+    n, k = rec.shape
+    on = [i for i in range(k) if cost[i] >= floor * target - 1e-9]
+    fits = [sum(float(rec[h, c]) for h, c in enumerate(cs)) for cs in itertools.product(on, repeat=n)
+            if sum(float(cost[c]) for c in cs) <= target * n + 1e-9]
+    return max(fits) if fits else None
+
+
+def test_allocation_beats_the_issue_example():
+    """Issue 23, finding 5: the bisection's leftover loop gave [3, 0] (1.2246); option 2 for both fits (0.773 <=
+    0.807) and recovers 1.5606."""
+    cost = torch.tensor([0.099, 0.752, 0.773, 1.0], dtype=torch.float64)
+    rec = torch.tensor([[.092, .47, .654, .93], [.295, .376, .907, .981]])
+    assert allocate(rec, cost, 0.807) == [2, 2]
+
+
+def test_allocation_is_the_exhaustive_optimum():
+    """Concave curves (each extra token recovers less than the one before) on costs of a 0.1 grid."""
     g = torch.Generator().manual_seed(1)
     cost = torch.tensor([0.1, 0.3, 0.5, 1.0], dtype=torch.float64)
     steps = torch.diff(cost, prepend=torch.zeros(1, dtype=torch.float64)).float()
     for trial in range(20):
-        # concave in cost, as a head's recovery is (each extra token recovers less than the one before)
         slopes = torch.sort(torch.rand(4, 4, generator=g) * 3, dim=1, descending=True).values
         rec = torch.cumsum(slopes * steps, dim=1)
         target = 0.2 + 0.6 * float(torch.rand((), generator=g))
         choice = allocate(rec, cost, target)
         assert float(cost[choice].mean()) <= target + 1e-9
-        best = max(sum(float(rec[h, c]) for h, c in enumerate(cs)) for cs in itertools.product(range(4), repeat=4)
-                   if float(cost[list(cs)].mean()) <= target + 1e-9)
         got = sum(float(rec[h, c]) for h, c in enumerate(choice))
-        assert got >= best - 0.1, (trial, got, best)  # greedy on the Lagrangian hull: close, not exact
+        assert got == pytest.approx(brute_force(rec, cost, target), abs=1e-9), trial
+
+
+def test_allocation_equals_brute_force_on_random_menus():
+    """300 random small cases, any curve shape: costs on the menu's share grid or kept counts at a prompt length,
+    floors 0, 0.5 and 1, the last option `full`. The allocation recovers the brute-force optimum and fits; where
+    nothing above the floor fits, every head takes its cheapest option above it."""
+    g = torch.Generator().manual_seed(5)
+    for case in range(300):
+        n, k = 1 + case % 4, 2 + case % 5
+        if case % 2:  # menu shares: whole multiples of 1/20
+            cost = torch.randperm(20, generator=g)[:k].sort().values.double().add(1) / 20
+        else:  # kept counts at a length L (kept / L, as BudgetPlanner prices them)
+            L = int(torch.randint(5, 300, (), generator=g))
+            cost = (torch.randperm(L, generator=g)[:k].sort().values.double() + 1) / L
+        cost[-1] = 1.0  # the menu ends in `full`
+        rec = torch.rand(n, k, generator=g).double()
+        target = float(torch.rand((), generator=g)) * 0.9 + 0.1
+        floor = (0.0, 0.5, 1.0)[case % 3]
+        choice = allocate(rec, cost, target, floor)
+        assert all(cost[c] >= floor * target - 1e-9 for c in choice), case
+        best = brute_force(rec, cost, target, floor)
+        if best is None:
+            cheapest = float(cost[cost >= floor * target - 1e-9].min())
+            assert all(float(cost[c]) == cheapest for c in choice), case
+            continue
+        assert float(cost[choice].mean()) <= target + 1e-9, case
+        assert float(rec[torch.arange(n), choice].sum()) == pytest.approx(best, abs=1e-9), case
+
+
+def test_allocation_spends_the_budget_on_ties():
+    """Heads that gain nothing from tokens still take what is left (the most tokens among equal recoveries): a
+    target of 1 keeps everything; the same input always gives the same choice."""
+    shares = torch.tensor([o.share for o in MENU], dtype=torch.float64)
+    zero = torch.zeros(3, len(MENU))
+    assert allocate(zero, shares, 1.0) == [len(MENU) - 1] * 3  # full
+    assert float(shares[allocate(zero, shares, 0.6)].mean()) == pytest.approx(0.6)
+    one_gains = torch.stack([shares.float(), torch.zeros(len(MENU))])  # head 0 gains, head 1 does not
+    choice = allocate(one_gains, shares, 0.6)
+    assert float(shares[choice[0]]) == 1.0 and float(shares[choice[1]]) == pytest.approx(0.2)
+    assert allocate(one_gains, shares, 0.6) == choice
+
+
+def test_large_allocations_fit_and_beat_every_uniform_one(monkeypatch):
+    """Past DP_CELLS the Lagrangian allocation: it fits, and recovers at least what any uniform allocation that fits
+    recovers (the leftover spent, then the best uniform one if it recovers more)."""
+    monkeypatch.setattr(budget, "DP_CELLS", 1)
+    cost = torch.tensor([0.099, 0.752, 0.773, 1.0], dtype=torch.float64)
+    rec = torch.tensor([[.092, .47, .654, .93], [.295, .376, .907, .981]])
+    assert allocate(rec, cost, 0.807) == [2, 2]  # the uniform option 2 beats the priced choice [3, 0]
+    g = torch.Generator().manual_seed(6)
+    for case in range(50):
+        rec = torch.rand(3, 5, generator=g).double()
+        cost = torch.rand(5, generator=g).double().sort().values
+        target = float(torch.rand((), generator=g))
+        choice = allocate(rec, cost, target)
+        if float(cost.min()) > target:
+            continue
+        total = float(rec[torch.arange(3), choice].sum())
+        assert float(cost[choice].mean()) <= target + 1e-9, case
+        assert all(total >= float(rec[:, i].sum()) - 1e-9 for i in range(5) if cost[i] <= target), case
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ What this does instead, per sequence:
    that the exact set the store would keep recovers: its window plus its heavy hitters, ranked as the store ranks
    them (mean attention since arrival over every prompt row, as fixed policies do: measured, that ranking keeps
    better tokens than the observation window's own).
-3. One price per kept token (a Lagrange multiplier, found by bisection) picks every head's option at once: each head
-   takes the option maximising recovery - price x cost, and the price is the lowest at which the model keeps at
-   most `kv_budget` of its tokens; what is left of the budget then goes, one upgrade at a time, where it recovers
-   the most per token. No head goes below `head_floor` x `kv_budget`. Uniform allocations are among the choices, so
-   on the profile's own objective the result is never worse than any of them.
+3. `allocate` picks every head's option at once: the most recovery in all with the model keeping at most
+   `kv_budget` of its tokens (a multiple-choice knapsack, solved exactly by dynamic programming where it is small;
+   past that, one price per kept token). No head goes below `head_floor` x `kv_budget`. Uniform allocations are
+   among the choices, so on the profile's own objective the result is never worse than any of them.
 
 What was measured (README, "The budget profile"): on SmolLM2-135M the profile's objective and the generation's
 fidelity disagree. Every floor below 1 (memory moved between heads, model-wide or within each layer) lost to the
@@ -30,7 +29,7 @@ tokens need the window), and then there is nothing to plan: no recoveries are co
 
 What the prompt does not tell, a calibration can: `python -m tinygen.eval.calibrate` measures once per model how
 much of the generated tokens' attention each option recovers in each layer, and `layer_budgets` spends kv_budget
-across the layers by those curves (the same price-per-token allocation, one row per layer). Each layer's heads then
+across the layers by those curves (the same allocation, one row per layer). Each layer's heads then
 keep its share, in the default shape or the one their prompt's profile picks (`FastGenConfig.layer_budgets`).
 
 Budgets stay shares of the current length during decoding, so the kept fraction holds as the sequence grows.
@@ -42,6 +41,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,32 +134,99 @@ def option_recoveries(obs: torch.Tensor, obs_start: int, menu=MENU, key: torch.T
     return out
 
 
+DP_CELLS = 1_500_000  # most (heads x options x budget units) the exact allocation visits: a few ms on a CPU core
+
+
+def budget_grid(cost: torch.Tensor, most: int) -> int | None:
+    """The smallest q <= most for which every cost is a whole number of units 1/q (20 for the menu's shares, the
+    prompt length or a divisor of it for kept counts), None if there is none."""
+    q = 1
+    for c in set(cost.tolist()):
+        q = math.lcm(q, Fraction(c).limit_denominator(most).denominator)
+        if q > most:
+            return None
+    return q if all(abs(c * q - round(c * q)) <= 1e-9 for c in cost.tolist()) else None
+
+
 def allocate(rec: torch.Tensor, cost: torch.Tensor, target: float, floor: float = 0.0) -> list[int]:
     """Each head's option (an index into the menu) maximising the total recovery with mean cost <= target, no head
-    below `floor` x target (options cheaper than that are off its menu, unless nothing else fits).
+    below `floor` x target (options cheaper than that are off its menu; if no allocation of the rest fits, every head
+    takes its cheapest, the best of them on a tie).
 
-    rec: (heads, options) recoveries; cost: (options,) kept fraction of each option (float64 on the host)."""
-    rec = rec.double().cpu()
-    rec = rec.masked_fill(cost < floor * target - 1e-9, -1e9)  # off the menu (a floor of 1 leaves uniform shares)
-    pick = lambda price: (rec - price * cost).argmax(dim=1)
+    rec: (heads, options) recoveries; cost: (options,) kept fraction of each option (float64 on the host).
+
+    Exact where the costs are whole numbers of a unit 1/q (the menu's shares, as layer_budgets prices them: q = 20;
+    kept counts at a prompt length L: q divides L) and the budget left above every head's cheapest option is at most
+    DP_CELLS / (heads x options) units: a multiple-choice knapsack solved by dynamic programming over those units, so
+    no allocation that fits recovers more, uniform ones included. Ties (recoveries equal within 1e-9) go to the
+    allocation that keeps the most tokens (a layer that measured no gain still takes what is left of the budget, and
+    a target of 1 keeps everything), then to the earlier menu options, the last head first.
+    Larger (the model-wide planner below a floor of 1, whose unit is one prompt token): the Lagrangian allocation
+    (lagrangian), never worse than a uniform allocation that fits and within price x unspent budget of the optimum."""
+    rec, cost = rec.double().cpu(), cost.double().cpu()
+    n = rec.shape[0]
+    on = (cost >= floor * target - 1e-9).nonzero().flatten()  # the menu above the floor (never empty: 1 >= floor)
+    rec, cost = rec[:, on], cost[on]
+    if float(cost.min()) > target + 1e-9:  # not even the cheapest options fit: each head's cheapest
+        cheapest = (cost == cost.min()).nonzero().flatten()
+        return on[cheapest[rec[:, cheapest].argmax(dim=1)]].tolist()
+    span = n * (target - float(cost.min())) + 1e-9  # the budget left once every head takes its cheapest
+    q = budget_grid(cost, max(1, min(1 << 20, int(DP_CELLS / (n * len(on) * span)))))
+    return on[lagrangian(rec, cost, target) if q is None else knapsack(rec, cost, target, q)].tolist()
+
+
+def knapsack(rec: torch.Tensor, cost: torch.Tensor, target: float, q: int) -> torch.Tensor:
+    """allocate's exact case: every cost a whole number of units 1/q, and the cheapest option fits."""
+    n = rec.shape[0]
+    units = torch.round(cost * q).long()
+    w = units - units.min()  # each option's units above the cheapest: the program spans only the spare budget
+    spare = math.floor(target * n * q * (1 + 1e-12) + 1e-9) - n * int(units.min())  # past float rounding
+    # best[c]: the most recovery of the heads so far with exactly c spare units spent (-inf: no allocation spends c).
+    # Head h's option k moves the state from c - w[k] to c: read from a copy of best shifted right by the widest w.
+    pad = int(w.max())
+    shifted = torch.full((pad + spare + 1,), -math.inf, dtype=torch.float64)
+    shifted[pad] = 0.0
+    best = shifted[pad:]
+    frm = torch.arange(spare + 1) + pad - w[:, None]  # (options, spare + 1): where each option's state comes from
+    took = torch.empty(n, spare + 1, dtype=torch.long)
+    for h in range(n):
+        torch.max(shifted[frm] + rec[h, :, None], dim=0, out=(best, took[h]))  # the first best option on ties
+    c = int((best >= best.max() - 1e-9).nonzero().max())  # the most tokens among the best
+    choice = torch.empty(n, dtype=torch.long)
+    for h in range(n - 1, -1, -1):  # back from the last head: the option that reached c, and where it came from
+        choice[h] = took[h, c]
+        c -= int(w[choice[h]])
+    return choice
+
+
+def lagrangian(rec: torch.Tensor, cost: torch.Tensor, target: float) -> torch.Tensor:
+    """allocate's large case. One price per token (found by bisection, the lowest that fits) picks each head's
+    option maximising recovery - price x cost: any allocation y that fits recovers at most this one's recovery +
+    price x (the budget it leaves), since sum(rec_y) <= sum(max(rec - price x cost)) + price x budget. The leftover
+    then goes, one upgrade at a time, where it recovers the most per token; a uniform allocation that fits and
+    recovers more replaces the result."""
+    n = rec.shape[0]
+    pick = lambda price: (rec - price * cost).argmax(dim=1)  # noqa: E731
     lo, hi = 0.0, 1e4  # at price 0 every head takes its best recovery; at 1e4 its cheapest option
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if cost[pick(mid)].mean() <= target else (mid, hi)
     choice = pick(hi)
-    # Spend what the bisection left: the upgrade with the most recovery per token that still fits, one at a time.
-    n = rec.shape[0]
-    spare = target * n - cost[choice].sum()
+    spare = target * n - float(cost[choice].sum())
     while True:
         gain = rec - rec.gather(1, choice[:, None])  # (heads, options)
         extra = cost[None, :] - cost[choice][:, None]
         ok = (extra > 0) & (extra <= spare + 1e-9) & (gain > 0)
         if not ok.any():
-            return choice.tolist()
+            break
         rate = torch.where(ok, gain / extra.clamp(min=1e-12), torch.full_like(gain, -1.0))
         h, o = divmod(int(rate.argmax()), rate.shape[1])
         spare -= float(extra[h, o])
         choice[h] = o
+    uniform = rec.sum(0).masked_fill(cost > target + 1e-9, -math.inf)  # every head the same option, where it fits
+    if float(uniform.max()) > float(rec.gather(1, choice[:, None]).sum()) + 1e-9:
+        return uniform.argmax().expand(n)
+    return choice
 
 
 class BudgetPlanner:
@@ -213,11 +280,14 @@ def layer_budgets(curves: torch.Tensor, kv_budget: float, menu=MENU, floor: floa
     """Each layer's kept share from calibrated recovery curves, for a model-wide target of `kv_budget`.
 
     curves: (n_layers, len(menu)), a layer's mean recovery of the generated tokens' attention under each option
-    (measured on calibration prompts). One price per kept token picks every layer's option (allocate, one row per
-    layer); a layer's budget is its option's share (1 for `full`), so the shares average to at most kv_budget. The
-    heads of a layer then keep that share (FastGenConfig.shapes: local+frequent, or the shape each head's profile
-    picks). The curves may hold both shapes; a layer is priced by its best option at each share. No layer goes
-    below floor x kv_budget."""
+    (measured on calibration prompts). allocate picks every layer's option (one row per layer; exactly, as the shares
+    sit on a grid of 0.05); a layer's budget is its option's share (1 for `full`), so the shares average to at most
+    kv_budget. The heads of a layer then keep that share (FastGenConfig.shapes: local+frequent, or the shape each
+    head's profile picks). The curves may hold both shapes; a layer is priced by its best option at each share. No
+    layer goes below floor x kv_budget. The budget is spent (on a tie, the allocation keeping the most tokens): at a
+    kv_budget of 1 every layer keeps everything, whatever its curve (one measured to gain nothing included)."""
+    if kv_budget >= 1:  # only `full` keeps every token; said outright, so no curve can trade it for another option
+        return (1.0,) * curves.shape[0]
     cost = torch.tensor([o.share for o in menu], dtype=torch.float64)
     return tuple(round(float(cost[i]), 4) for i in allocate(curves, cost, kv_budget, floor))
 

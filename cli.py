@@ -7,13 +7,17 @@
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from tinygen.cliutil import OneLineParser, PrefillProgress, read_text, run_main, write_json_atomic  # noqa: E402
+from tinygen.cliutil import (OneLineParser, PrefillProgress, exit_code, held, read_text, run_main,  # noqa: E402
+                             write_json_atomic)
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
 
 
@@ -70,72 +74,105 @@ def parse_args(argv):
                    "prompt): fewer, fused ops per step; compiling takes about 50 s at every start")
     p.add_argument("--progress", action="store_true", help="show the progress line of long prefills (1k tokens or "
                    "more) even when stderr is not a terminal")
+    p.add_argument("--resume", action="store_true", help="--prompts-file: keep the answers already in --out and "
+                   "answer only the prompts missing there (after a crash, a kill or a full disk)")
     a = p.parse_args(argv)
-    if a.prompt is None and a.prompt_file is None and a.perplexity is None and not a.chat and a.prompts_file is None:
-        p.error("give --prompt, --prompt-file, --prompts-file, --chat or --perplexity")
-    if a.prompts_file is not None and a.out is None:
-        p.error("--prompts-file needs --out FILE for the answers")
-    for flag, value in (("--out", a.out), ("--batch", a.batch), ("--kv-budget-mb", a.kv_budget_mb)):
-        if value is not None and a.prompts_file is None:
-            p.error(f"{flag} is for --prompts-file")
-    a.batch = 8 if a.batch is None else a.batch
-    if a.chat and a.no_chat:
-        p.error("--chat needs the chat template; --no-chat is for one raw completion")
-    checks = [(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
-              (a.temperature >= 0, "--temperature must be >= 0"),
-              (a.top_k >= 0, "--top-k must be >= 0"),
-              (0 < a.top_p <= 1, "--top-p must be in (0, 1]"),
-              (a.ctx >= 2, "--ctx must be at least 2"),
-              (a.batch >= 1, "--batch must be at least 1"),
-              (a.kv_budget_mb is None or a.kv_budget_mb > 0, "--kv-budget-mb must be positive"),
-              (a.threshold is None or 0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
-              (a.kv_budget is None or 0 < a.kv_budget <= 1, "--kv-budget must be in (0, 1]"),
-              (a.local_ratio is None or 0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
-              (a.frequent_ratio is None or 0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]")]
-    for ok, message in checks:
-        if not ok:
-            p.error(message)
-    from tinygen.fastgen.policy import FastGenConfig
+    for message in invalid(a):
+        p.error(message)
+    return a
 
-    if a.profile is None:
-        a.profile = "paper" if a.threshold is not None else FastGenConfig.profile
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?")
+
+
+def finite(x) -> bool:
+    return x is None or math.isfinite(x)
+
+
+def invalid(a) -> list[str]:
+    """Every check of the command line's values and combinations, in one place, before any work starts: the
+    messages of what is wrong (the first one is reported)."""
+    batch_given, a.batch = a.batch is not None, 8 if a.batch is None else a.batch
+    a.profile = a.profile or ("paper" if a.threshold is not None else "budget")
+    modes = [a.prompt is not None, a.prompt_file is not None, a.perplexity is not None, a.chat,
+             a.prompts_file is not None]
     budgeted = a.policy == "auto" and a.profile == "budget"
-    conflicts = [(a.kv_budget is not None and a.policy != "auto", "--kv-budget is for --policy auto; a fixed policy "
-                  "takes --local-ratio / --frequent-ratio"),
-                 (a.kv_budget is not None and a.threshold is not None, "give --kv-budget (budget profile) or "
-                  "--threshold (paper profile), not both"),
-                 (a.kv_budget is not None and a.profile == "paper", "--kv-budget is for --profile budget; the paper's "
-                  "profile takes --threshold"),
-                 (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget "
-                  "profile"),
-                 (a.shapes is not None and not budgeted, "--shapes is for --policy auto with the budget profile"),
-                 (a.compile and a.policy != "full", "--compile is for --policy full: FastGen's stores change shape "
-                  "every step, which a compiled step cannot follow"),
-                 (a.compile and (a.chat or a.prompts_file or a.perplexity), "--compile is for one prompt (--prompt "
-                  "or --prompt-file)"),
-                 (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile "
-                  "takes --kv-budget"),
-                 (budgeted and (a.local_ratio is not None or a.frequent_ratio is not None), "--local-ratio and "
-                  "--frequent-ratio are for fixed policies and --profile paper; the budget profile sets them from "
-                  "--kv-budget")]
-    for bad, message in conflicts:
-        if bad:
-            p.error(message)
+    generating = a.perplexity is None
+    checks = [
+        (not any(modes), "give --prompt, --prompt-file, --prompts-file, --chat or --perplexity"),
+        (a.prompts_file is not None and a.out is None, "--prompts-file needs --out FILE for the answers"),
+        *[(given and a.prompts_file is None, f"{flag} is for --prompts-file")
+          for flag, given in (("--out", a.out is not None), ("--batch", batch_given),
+                              ("--kv-budget-mb", a.kv_budget_mb is not None), ("--resume", a.resume))],
+        (a.chat and a.no_chat, "--chat needs the chat template; --no-chat is for one raw completion"),
+        (a.system is not None and (a.no_chat or not generating), "--system is for the chat template; --no-chat "
+         "and --perplexity have none"),
+        (a.prompt is not None and not a.prompt.strip(), "--prompt is empty"),
+        (not all(map(finite, (a.temperature, a.top_p, a.kv_budget, a.kv_budget_mb, a.threshold, a.local_ratio,
+                              a.frequent_ratio))), "numbers must be finite (not inf or nan)"),
+        (a.max_new_tokens < 1, "--max-new-tokens must be at least 1"),
+        (a.max_new_tokens > 10**9, "--max-new-tokens must be at most 1000000000"),
+        (not a.temperature >= 0, "--temperature must be >= 0"),
+        (a.top_k < 0, "--top-k must be >= 0"),
+        (not 0 < a.top_p <= 1, "--top-p must be in (0, 1]"),
+        (a.seed is not None and not 0 <= a.seed < 2**64, "--seed must be in [0, 2**64)"),
+        (not 2 <= a.ctx <= 10**7, "--ctx must be at least 2 (and at most 10000000)"),
+        (not 1 <= a.batch <= 65536, "--batch must be at least 1 (and at most 65536)"),
+        (a.kv_budget_mb is not None and not a.kv_budget_mb > 0, "--kv-budget-mb must be positive"),
+        (a.threshold is not None and not 0 < a.threshold <= 1, "--threshold must be in (0, 1]"),
+        (a.kv_budget is not None and not 0 < a.kv_budget <= 1, "--kv-budget must be in (0, 1]"),
+        (a.local_ratio is not None and not 0 <= a.local_ratio <= 1, "--local-ratio must be in [0, 1]"),
+        (a.frequent_ratio is not None and not 0 <= a.frequent_ratio <= 1, "--frequent-ratio must be in [0, 1]"),
+        (DEVICE.fullmatch(a.device) is None, f"--device must be cpu, cuda, cuda:N or auto, not {a.device!r}"),
+        (a.kv_budget is not None and a.policy != "auto", "--kv-budget is for --policy auto; a fixed policy "
+         "takes --local-ratio / --frequent-ratio"),
+        (a.kv_budget is not None and a.threshold is not None, "give --kv-budget (budget profile) or --threshold "
+         "(paper profile), not both"),
+        (a.kv_budget is not None and a.profile == "paper", "--kv-budget is for --profile budget; the paper's "
+         "profile takes --threshold"),
+        (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget profile"),
+        (a.shapes is not None and not budgeted, "--shapes is for --policy auto with the budget profile"),
+        (a.compile and a.policy != "full", "--compile is for --policy full: FastGen's stores change shape every "
+         "step, which a compiled step cannot follow"),
+        (a.compile and not (a.prompt or a.prompt_file), "--compile is for one prompt (--prompt or --prompt-file)"),
+        (a.compile and a.device.startswith("cuda"), "--compile runs on the CPU only (not tested on CUDA yet)"),
+        (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile takes "
+         "--kv-budget"),
+        (budgeted and (a.local_ratio is not None or a.frequent_ratio is not None), "--local-ratio and "
+         "--frequent-ratio are for fixed policies and --profile paper; the budget profile sets them from "
+         "--kv-budget"),
+    ]
+    bad = [message for failed, message in checks if failed]
+    if bad:
+        return bad
+    from tinygen.cliutil import check_readable, check_writable
     from tinygen.errors import TinygenError
     from tinygen.fastgen.policy import parse_policy
 
     try:
         parse_policy(a.policy)
+        for flag, path in (("--prompt-file", a.prompt_file), ("--perplexity", a.perplexity),
+                           ("--prompts-file", a.prompts_file)):
+            if path is not None:
+                check_readable(path, flag)
+        for flag, path in (("--out", a.out), ("--stats-json", a.stats_json)):
+            if path is not None:
+                check_writable(path, flag)
+        sources = [x for x in (a.prompts_file, a.prompt_file, a.perplexity) if x is not None]
+        for flag, path in (("--out", a.out), ("--stats-json", a.stats_json)):
+            if path is not None and os.path.exists(path) and any(os.path.samefile(path, x) for x in sources):
+                raise TinygenError(f"{flag} {path} is the input file: it would be overwritten")
+        if a.out is not None and a.stats_json is not None and os.path.abspath(a.out) == os.path.abspath(a.stats_json):
+            raise TinygenError("--out and --stats-json name the same file")
     except TinygenError as e:
-        p.error(str(e))
-    return a
+        return [str(e)]
+    return []
 
 
 def run(a) -> int:
     import torch
 
     from tinygen.errors import TinygenError
-    from tinygen.cache import full_kv_bytes, kept_fraction, kept_kv_bytes
     from tinygen.fastgen.budget import calibration_path, with_calibration
     from tinygen.fastgen.cache import make_caches, policy_map
     from tinygen.fastgen.policy import FastGenConfig
@@ -152,7 +189,7 @@ def run(a) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     # A prompts file decodes up to --batch sequences per step: the CPU weights take the layout batches read fastest.
     batch = a.batch if a.prompts_file else 1
-    if a.compile and torch.device(device).type != "cpu":
+    if a.compile and device != "cpu":
         raise TinygenError("--compile runs on the CPU only (not tested on CUDA yet): add --device cpu or leave out "
                            "--compile")
     # --compile: plain float matrices, which the compiler packs itself
@@ -169,6 +206,10 @@ def run(a) -> int:
         split = None if a.policy == "full" else 0.5
         ppl, n = perplexity(model, ids, a.ctx, lambda n: make_caches(model, tok, fastgen, n), split)
         print(f"perplexity={ppl:.4f} tokens={n}")
+        if a.stats_json:
+            write_json_atomic(a.stats_json, {"perplexity": ppl, "tokens": n, "ctx": a.ctx, "policy": a.policy,
+                                             "profile": a.profile if a.policy == "auto" else None,
+                                             "device": device, "dtype": a.dtype, "quantize": a.quantize})
         return 0
 
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
@@ -184,6 +225,8 @@ def run(a) -> int:
         return run_chat(session, a.stats_json)
 
     text = a.prompt if a.prompt is not None else read_text(a.prompt_file)
+    if not text.strip():
+        raise TinygenError(f"{a.prompt_file} holds no prompt (it is empty)")
     ids = tok.encode_prompt(text, a.system, chat=not a.no_chat)
     if len(ids) >= cfg.max_seq_len:
         raise TinygenError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}")
@@ -203,57 +246,68 @@ def run(a) -> int:
                                  on_tokens, on_layer=progress.callback(len(ids)), decode=decode):
             sys.stdout.write(stream.push(token_id))
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        stats.stop_reason, code = "interrupted", 130
-    sys.stdout.write(stream.flush() + "\n")
-    sys.stdout.flush()
-
-    length = caches[0].length  # tokens the cache has seen (the last generated token is never fed back)
-    kv_dtype = model.embed.weight.dtype
-    report = {
-        "prompt_tokens": stats.prompt_tokens,
-        "generated_tokens": stats.generated_tokens,
-        "prefill_seconds": round(stats.prefill_seconds, 6),
-        "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
-        "kv_bytes": sum(c.nbytes() for c in caches),  # allocated: the caches' storage, spare rows included
-        "kv_bytes_kept": kept_kv_bytes(caches, cfg.head_dim, kv_dtype),  # K+V of the tokens kept
-        "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, kv_dtype),
-        "kept_fraction": round(kept_fraction(caches), 6),
-        "profile_seconds": 0.0,
-        "policy": a.policy,
-        "profile": a.profile if a.policy == "auto" else None,
-        "kv_budget": fastgen.kv_budget if fastgen.budgeted else None,
-        "shapes": fastgen.shapes if fastgen.budgeted else None,
-        "calibration": str(calibration) if fastgen.layer_budgets else None,
-        "layer_budgets": list(fastgen.layer_budgets) if fastgen.layer_budgets else None,
-        "stop_reason": stats.stop_reason,
-        "device": device,
-        "dtype": a.dtype,
-        "quantize": a.quantize,
-        "compiled": a.compile and decode.compiled,  # False where --compile fell back to the eager step
-        "compile_seconds": round(compile_seconds, 3),
-    }
-    if on_tokens is not None:
-        report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)
-        report["policies"] = [c.head_names() for c in caches]
-        if a.policy == "auto":
-            print(policy_map(caches), file=sys.stderr)
-    if stats.stop_reason == "context":
-        print(f"[stopped: reached the model's context limit of {cfg.max_seq_len} tokens]", file=sys.stderr)
-    print(f"[prompt {report['prompt_tokens']} tok | generated {report['generated_tokens']} tok | "
-          f"prefill {stats.prefill_seconds:.3f} s (profiling {report['profile_seconds']:.3f} s) | "
-          f"decode {report['decode_tokens_per_second']:.1f} tok/s | kept {report['kept_fraction']:.1%} of tokens | "
-          f"KV cache {report['kv_bytes'] / 2**20:.2f} MiB allocated, {report['kv_bytes_kept'] / 2**20:.2f} MiB kept "
-          f"vs full {report['kv_bytes_full'] / 2**20:.2f} MiB | "
-          f"stop: {stats.stop_reason}]", file=sys.stderr)
-    if a.stats_json:
-        write_json_atomic(a.stats_json, report)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM, in prefill or decode
+        stats.stop_reason, code = "interrupted", exit_code(e)
+    with held():  # the answer's end, the stats line and file are written whole
+        progress.end_line()
+        sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()
+        report = {
+            "prompt_tokens": stats.prompt_tokens,
+            "generated_tokens": stats.generated_tokens,
+            "prefill_seconds": round(stats.prefill_seconds, 6),
+            "decode_tokens_per_second": round(stats.decode_tokens_per_second, 3),
+            "policy": a.policy,
+            "profile": a.profile if a.policy == "auto" else None,
+            "kv_budget": fastgen.kv_budget if fastgen.budgeted else None,
+            "shapes": fastgen.shapes if fastgen.budgeted else None,
+            "calibration": str(calibration) if fastgen.layer_budgets else None,
+            "layer_budgets": list(fastgen.layer_budgets) if fastgen.layer_budgets else None,
+            "stop_reason": stats.stop_reason,
+            "device": device,
+            "dtype": a.dtype,
+            "quantize": a.quantize,
+            "compiled": a.compile and decode.compiled,  # False where --compile fell back to the eager step
+            "compile_seconds": round(compile_seconds, 3),
+        }
+        line = (f"[prompt {stats.prompt_tokens} tok | generated {stats.generated_tokens} tok | prefill "
+                f"{stats.prefill_seconds:.3f} s | decode {report['decode_tokens_per_second']:.1f} tok/s")
+        if code:  # an interruption may land inside a step, between two layers: the caches are not read
+            print(f"{line} | stop: interrupted]", file=sys.stderr)
+        else:
+            report.update(cache_report(caches, cfg, model.embed.weight.dtype, on_tokens is not None))
+            if on_tokens is not None and a.policy == "auto":
+                print(policy_map(caches), file=sys.stderr)
+            if stats.stop_reason == "context":
+                print(f"[stopped: reached the model's context limit of {cfg.max_seq_len} tokens]", file=sys.stderr)
+            print(f"{line} (profiling {report['profile_seconds']:.3f} s) | kept {report['kept_fraction']:.1%} of "
+                  f"tokens | KV cache {report['kv_bytes'] / 2**20:.2f} MiB allocated, "
+                  f"{report['kv_bytes_kept'] / 2**20:.2f} MiB kept vs full {report['kv_bytes_full'] / 2**20:.2f} "
+                  f"MiB | stop: {stats.stop_reason}]", file=sys.stderr)
+        if a.stats_json:
+            write_json_atomic(a.stats_json, report)
     return code
 
 
+def cache_report(caches, cfg, kv_dtype, fastgen: bool) -> dict:
+    """What a finished generation's caches hold, read from their tensors' storage."""
+    from tinygen.cache import full_kv_bytes, kept_fraction, kept_kv_bytes
+
+    length = caches[0].length  # tokens the cache has seen (the last generated token is never fed back)
+    report = {"kv_bytes": sum(c.nbytes() for c in caches),  # allocated: the caches' storage, spare rows included
+              "kv_bytes_kept": kept_kv_bytes(caches, cfg.head_dim, kv_dtype),  # K+V of the tokens kept
+              "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, kv_dtype),
+              "kept_fraction": round(kept_fraction(caches), 6), "profile_seconds": 0.0}
+    if fastgen:
+        report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)
+        report["policies"] = [c.head_names() for c in caches]
+    return report
+
+
 def main(argv=None) -> int:
-    a = parse_args(sys.argv[1:] if argv is None else argv)
-    return run_main(run, a)
+    """Parse and run with one interruption path from the first line on: Ctrl-C or SIGTERM while flags are checked,
+    torch is imported or the model loads also exits 130 / 143 without a traceback."""
+    return run_main(lambda argv: run(parse_args(argv)), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT, save_tiny_chat_model
 
 from tinygen.chat import ChatSession
+from tinygen.errors import TinygenError
 from tinygen.fastgen.policy import FastGenConfig
 from tinygen.generate import full_caches, generate
 from tinygen.loader import load_model
@@ -194,3 +195,46 @@ def test_long_prefill_progress_line(default_model_dir, tmp_path):
     n = int(shown.stderr.split("[prompt ")[1].split(" tok")[0])
     assert n >= 1024
     assert f"[prefill {n}/{n} tokens, " in shown.stderr and "tok/s]" in shown.stderr, shown.stderr
+
+
+def test_a_turn_past_the_context_is_taken_back(chat_model):
+    """A turn that does not fit is undone: the next turn, with no /reset, continues the conversation as if the long
+    turn had never been sent (same ids, same greedy answer as a session that never saw it)."""
+    model = load_model(chat_model)
+    tok = Tokenizer(chat_model, model.cfg.eos_token_ids)
+    sessions = [ChatSession(model, tok, FastGenConfig("full"), SamplingParams(), 3, ignore_eos=True)
+                for _ in range(2)]
+    answers = [[], []]
+    for i, session in enumerate(sessions):
+        session.turn("hi", answers[i].append)
+    before = list(sessions[0].conv.ids)
+    with pytest.raises(TinygenError, match="past the model's context of 64"):
+        sessions[0].turn("word " * 200, answers[0].append)
+    assert sessions[0].conv.ids == before and len(sessions[0].conv.messages) == 2
+    records = [session.turn("ok", answers[i].append) for i, session in enumerate(sessions)]
+    assert sessions[0].conv.ids == sessions[1].conv.ids
+    assert records[0] == {**records[1], "prefill_seconds": records[0]["prefill_seconds"],
+                          "decode_tokens_per_second": records[0]["decode_tokens_per_second"]}
+    assert "".join(answers[0]) == "".join(answers[1])
+
+
+def test_chat_goes_on_when_the_stats_file_cannot_be_written(chat_model, tmp_path):
+    """--stats-json in a directory removed after start-up: each turn prints one error line and the session goes on
+    to answer every turn."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    stats = gone / "turns.json"
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--chat", "--model", str(chat_model), "--policy",
+                          "full", "--max-new-tokens", "3", "--ignore-eos", "--stats-json", str(stats)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdin.write(b"hi\n")
+    p.stdin.flush()
+    while not p.stdout.readline().strip():  # the first answer is out: the file was written once
+        pass
+    stats.unlink()
+    gone.rmdir()
+    out, err = p.communicate(b"one more\nand another\n", timeout=120)
+    err = err.decode()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert len(out.decode().strip().splitlines()) == 2  # the second and third answers
+    assert err.count("error: cannot write") == 2, err

@@ -7,7 +7,8 @@ gave it, attends over what it holds plus the chunk, and evicts down to its budge
 `extend`). Re-profiling on a later turn could move a head to a dearer policy, but it could not get back the tokens
 its old policy evicted, so a head keeps its policy for the whole conversation.
 
-Commands: /reset, /stats, /exit. Ctrl-C stops the answer being written and keeps the session; Ctrl-D ends it. With
+Commands: /reset, /stats, /exit. Ctrl-C stops the answer being written and keeps the session; Ctrl-D ends it, and
+SIGTERM ends it at once (exit 143; the stats file holds every finished turn). With
 stdin not a terminal every line is one user turn, so a conversation can be scripted.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from typing import Callable
 
 from .cache import full_kv_bytes, kept_fraction, kept_kv_bytes
-from .cliutil import write_json_atomic
+from .cliutil import exit_code, write_json_atomic
 from .conversation import Conversation
 from .errors import TinygenError
 from .fastgen.cache import make_caches, policy_map
@@ -131,7 +132,9 @@ def run_chat(session: ChatSession, stats_json: str | None = None) -> int:
         except TinygenError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if exit_code(e) != 130:  # SIGTERM ends the session (run_main reports it)
+                raise
             print("\n(Ctrl-D or /exit ends the session)", file=sys.stderr)
             continue
         if line is None:
@@ -170,4 +173,7 @@ def run_chat(session: ChatSession, stats_json: str | None = None) -> int:
                   "tokens; /reset starts a new one]", file=sys.stderr)
         records.append(record)
         if stats_json:
-            write_json_atomic(stats_json, records)
+            try:
+                write_json_atomic(stats_json, records)
+            except TinygenError as e:  # the conversation goes on; the next turn writes the whole list again
+                print(f"error: {e}", file=sys.stderr)

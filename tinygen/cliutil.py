@@ -1,10 +1,13 @@
-"""What the two command lines (cli.py and python -m tinygen.eval) share: one-line errors, reading and writing files."""
+"""What the two command lines (cli.py and python -m tinygen.eval) share: one-line errors, one interruption path
+(Ctrl-C and SIGTERM), and reading and writing files so that a reader never sees half of one."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import TinygenError
@@ -28,17 +31,91 @@ def read_text(path: str) -> str:
         raise TinygenError(f"{path} is not UTF-8 text (byte {e.start})") from None
 
 
-def write_text_atomic(path: str | Path, text: str):
-    """Write to a temporary name beside `path`, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM, raised where the program is; it exits with 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+def exit_code(e: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C (a plain KeyboardInterrupt too), 143 for SIGTERM."""
+    return getattr(e, "code", 128 + signal.SIGINT)
+
+
+_held = {"depth": 0, "pending": None}  # signal handlers are process-wide, and so is this
+
+
+def _on_signal(signum, frame):
+    if _held["depth"]:
+        _held["pending"] = _held["pending"] or signum
+        return
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interruptible():
+    """Inside the block SIGINT and SIGTERM both raise Interrupted (a KeyboardInterrupt), so one `except
+    KeyboardInterrupt` handles either, wherever it lands: loading, prefill, decode, between batch steps."""
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise TinygenError(f"cannot write {path}: {e.strerror or e}") from None
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def held():
+    """A signal that arrives inside the block waits until the block ends, then raises: a record or a file is
+    written whole or not at all."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["pending"]:
+            signum, _held["pending"] = _held["pending"], None
+            raise Interrupted(signum)
+
+
+def check_writable(path: str, flag: str):
+    """Before any work: `path` can be created or replaced as a regular file (a TinygenError naming the flag)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise TinygenError(f"{flag} {path} is a directory")
+    if os.path.lexists(path) and not os.path.isfile(path):  # never rename over a device or a socket
+        raise TinygenError(f"{flag} {path} is not a regular file")
+    if not os.path.isdir(parent):
+        raise TinygenError(f"{flag} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise TinygenError(f"{flag} {path}: not writable")
+
+
+def check_readable(path: str, flag: str):
+    """Before any work: `path` is a file this process can read (a TinygenError naming the flag)."""
+    if not os.path.isfile(path):
+        raise TinygenError(f"{flag} {path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise TinygenError(f"{flag} {path}: not readable")
+
+
+def write_text_atomic(path: str | Path, text: str):
+    """Write to a temporary name beside `path`, then rename: a reader never sees half a file, a signal waits until
+    the rename is done, and a failure leaves no temporary file behind."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with held():
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise TinygenError(f"cannot write {path}: {e.strerror or e}") from None
+            raise
 
 
 def write_json_atomic(path: str | Path, data):
@@ -46,17 +123,28 @@ def write_json_atomic(path: str | Path, data):
 
 
 def run_main(run, args) -> int:
-    """Call run(args); TinygenError and OSError become one line on stderr and exit 1, Ctrl-C exit 130."""
-    try:
-        return run(args)
-    except TinygenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
+    """Call run(args) with SIGINT and SIGTERM raising Interrupted. A TinygenError or OSError becomes one line on
+    stderr and exit 1; an interruption that run() did not handle itself, `interrupted` and exit 130 (143 for
+    SIGTERM); anything else (a bug, running out of memory) one `error:` line too, with the traceback only under
+    TINYGEN_DEBUG=1."""
+    with interruptible():
+        try:
+            return run(args)
+        except TinygenError as e:
+            message = f"error: {e}"
+        except KeyboardInterrupt as e:
+            with held():
+                print("\ninterrupted", file=sys.stderr)
+            return exit_code(e)
+        except OSError as e:
+            message = f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}"
+        except Exception as e:  # never a traceback for the user
+            if os.environ.get("TINYGEN_DEBUG"):
+                raise
+            what = "out of memory" if isinstance(e, MemoryError) or "out of memory" in str(e) else "internal error"
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            message = f"error: {what} ({type(e).__name__}: {first}); TINYGEN_DEBUG=1 shows the traceback"
+        print(message, file=sys.stderr)
         return 1
 
 
@@ -70,6 +158,13 @@ class PrefillProgress:
     def __init__(self, n_layers: int, force: bool = False, min_tokens: int = 1024, every: float = 0.2):
         self.n_layers, self.min_tokens, self.every = n_layers, min_tokens, every
         self.show = force or sys.stderr.isatty()
+        self.open = False  # a progress line is on the screen without its newline
+
+    def end_line(self):
+        """End a progress line cut short (by an interruption), so that what follows starts on its own line."""
+        if self.open:
+            print(file=sys.stderr)
+            self.open = False
 
     def callback(self, n_tokens: int):
         """The `on_layer` callback for a prefill of n_tokens, or None when no line is to be shown."""
@@ -89,4 +184,5 @@ class PrefillProgress:
             rate = done / max(now - t0, 1e-9)
             end = "\n" if i + 1 == self.n_layers else ""
             print(f"\r[prefill {done}/{n_tokens} tokens, {rate:.0f} tok/s]", end=end, file=sys.stderr, flush=True)
+            self.open = not end
         return on_layer

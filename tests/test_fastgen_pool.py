@@ -141,8 +141,11 @@ def run_batch(device, scenario, monkeypatch, schedule, steps):
     assert rebuilt == len({x for _, at, end in schedule for x in (at, end) if x is not None})
     assert len(running) == sum(end is None for _, _, end in schedule)
     pools = batch.pools
-    for s in running:
+    assert pools, "the schedule ends with sequences in pools"
+    alone = [sum(st.pool.own_bytes(st) for st in s.pooled.stores) for s in running]  # what `leave` reports
+    for s, want in zip(running, alone):
         batch.release(s.pooled)
+        assert s.pooled.nbytes() == want
     for s in seqs:  # every store got its rows back, as its twin holds them
         assert s.alone.kept_tokens() < s.alone.length * N_KV  # the caches evicted along the way
         for a, p in zip(s.alone.stores, s.pooled.stores):

@@ -14,13 +14,18 @@ for the full cache and for FastGen alike (the full cache: its final length, the 
 FastGen: what its budget keeps of the final length plus the row a step writes before it evicts, and a store's
 positions, flags, scores and bitmaps). With the budget profile a head keeps its menu share of the length
 (`kept_share`); the paper's profile and fixed policies that protect special/punctuation tokens project a full cache.
-A pool pads its pairs to the longest, so there every running sequence counts as the largest projection (`fits`).
+A pool pads its pairs to the longest, so there every running sequence counts as the largest projection, and a
+rebuild of a layer's pools holds that layer's old and new rows at once, so each also counts the most one layer of the
+largest holds (`fits`).
+
+The peak reported (`peak_kv_bytes`) is measured after every prefill and every step, and at each rebuild's moment of
+old and new rows together, from the sizes of the caches' tensors (host-known: nothing is read from the device).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -40,6 +45,7 @@ class Sequence:
     prompt: list[int]
     projected: int  # KV bytes its caches may hold at most from its first decode step on
     projected_prefill: int  # ... and while it prefills
+    projected_layer: int = 0  # ... and in one layer, the most (a pool rebuild holds a layer twice)
     caches: list = field(default_factory=list)
     on_tokens: Callable | None = None
     generator: torch.Generator | None = None
@@ -64,7 +70,7 @@ class BatchStats:
     decode_tokens: int = 0  # tokens out of decode steps (the first token of each answer comes out of its prefill)
     decode_seconds: float = 0.0
     prefill_seconds: float = 0.0
-    peak_kv_bytes: int = 0  # the caches' storage, all running sequences together
+    peak_kv_bytes: int = 0  # the caches' storage, all running sequences together, a pool rebuild's old and new rows too
     peak_kv_bytes_full: int = 0  # what full caches of the running sequences' lengths would hold at that moment
     max_running: int = 0
     seconds: float = 0.0
@@ -84,21 +90,39 @@ def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_token
     c, itemsize = model.cfg, model.embed.weight.dtype.itemsize
     final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
     kv_row = 2 * c.head_dim * itemsize  # K and V of one token of one KV head
-    per_layer = c.n_layers * c.n_kv_heads
     if cfg.policy == "full":
-        steady = per_layer * final * kv_row
+        steady = c.n_layers * c.n_kv_heads * final * kv_row
         return steady, steady
-    kept = min(final, math.ceil(kept_share(cfg) * final) + 1)  # +1: local+frequent rounds two shares up
-    rows = min(final, kept + 1)  # a store never holds more than its budget at max_len and the next token's row
-    # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap and its freed row
-    steady = per_layer * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8 + 8)
+    steady = c.n_layers * layer_bytes(c, kv_row, kept_share(cfg), final)
     if cfg.model_wide:
-        prefill_peak = per_layer * prompt_tokens * kv_row
+        prefill_peak = c.n_layers * c.n_kv_heads * prompt_tokens * kv_row
     elif cfg.budgeted:  # the layers before hold at most their steady bytes, the prefilling one its prompt K/V
         prefill_peak = steady + c.n_kv_heads * prompt_tokens * kv_row
     else:
         prefill_peak = 0
     return steady, max(steady, prefill_peak)
+
+
+def layer_bytes(c, kv_row: int, share: float, final: int) -> int:
+    """The most one layer's FastGen stores hold when its heads keep `share` of a sequence's final length."""
+    kept = min(final, math.ceil(share * final) + 1)  # +1: local+frequent rounds two shares up
+    rows = min(final, kept + 1)  # a store never holds more than its budget at max_len and the next token's row
+    # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap and its freed row
+    return c.n_kv_heads * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8 + 8)
+
+
+def projected_layer_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> int:
+    """An upper bound on what one layer of a sequence's FastGen caches holds from its first decode step on: layers
+    with their own budgets at the largest one's menu share; the model-wide planner (head floor below 1) may give one
+    layer everything."""
+    c = model.cfg
+    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)
+    share = kept_share(cfg)
+    if cfg.budgeted and cfg.layer_budgets is not None:
+        share = kept_share(replace(cfg, layer_budgets=(max(cfg.layer_budgets),)))
+    elif cfg.model_wide:
+        share = 1.0
+    return layer_bytes(c, 2 * c.head_dim * model.embed.weight.dtype.itemsize, share, final)
 
 
 def kept_share(cfg: FastGenConfig) -> float:
@@ -124,11 +148,10 @@ class BatchRunner:
     in finishing order, and returns BatchStats."""
 
     def __init__(self, model, tok, cfg: FastGenConfig, sampling: SamplingParams, max_new_tokens: int, batch: int,
-                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, check_every: int = 8,
-                 pool: bool = True):
+                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, pool: bool = True):
         self.model, self.tok, self.cfg, self.sampling = model, tok, cfg, sampling
         self.max_new_tokens, self.batch, self.cap, self.ignore_eos = max_new_tokens, batch, kv_cap_bytes, ignore_eos
-        self.on_progress, self.check_every = on_progress, check_every
+        self.on_progress = on_progress
         assert batch >= 1, "a batch holds at least one sequence"
         self.device = model.embed.weight.device
         # FastGen's decode steps run on pools: per layer, the stores of every running sequence (fastgen/pool.py).
@@ -137,11 +160,14 @@ class BatchRunner:
         self.pools = None if cfg.policy == "full" or not pool else [FastGenBatch(c.n_heads, c.n_kv_heads)
                                                                     for _ in range(c.n_layers)]
 
-    def projected(self, prompt_tokens: int) -> tuple[int, int]:
-        return projected_bytes(self.model, self.cfg, prompt_tokens, self.max_new_tokens)
+    def sequence(self, index: int, prompt: list[int]) -> Sequence:
+        """A prompt as it waits, with its projected KV bytes (one layer's only matters to the pools)."""
+        n = len(prompt)
+        layer = projected_layer_bytes(self.model, self.cfg, n, self.max_new_tokens) if self.pools else 0
+        return Sequence(index, prompt, *projected_bytes(self.model, self.cfg, n, self.max_new_tokens), layer)
 
     def _start(self, seq: Sequence, running: list[Sequence], stats: BatchStats) -> None:
-        """Prefill one admitted prompt on its own and sample its first token. The KV bytes are sampled before the
+        """Prefill one admitted prompt on its own and sample its first token. The KV bytes are measured before the
         last layer's prefill too, when the budget profile holds every layer's prompt K/V."""
         limit = min(self.model.cfg.max_seq_len, len(seq.prompt) + self.max_new_tokens)
         seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
@@ -153,7 +179,7 @@ class BatchRunner:
         last = self.model.cfg.n_layers - 2
         on_layer = lambda i: self._measure(running + [seq], stats) if i == last else None
         logits = prefill(self.model, seq.prompt, seq.caches, 0, on_layer)
-        self._take(seq, int(sample(logits, self.sampling, seq.generator).item()))
+        self._take(seq, int(sample(logits, self.sampling, seq.generator).item()))  # reading its first token
 
     def _take(self, seq: Sequence, token: int) -> None:
         """A sampled token: the end, or one more token of the answer (as generate() decides)."""
@@ -169,57 +195,72 @@ class BatchRunner:
 
     def fits(self, running: list[Sequence], new: Sequence) -> bool:
         """Whether `new` may join under the cap: while it prefills beside the running sequences, and after.
-        FastGen's pools pad every pair to the longest (pool.py), so there each sequence counts as the largest."""
+        FastGen's pools pad every pair to the longest (pool.py), so there each sequence counts as the largest, and
+        while a layer's pools are rebuilt (as sequences join or leave) that layer is held twice: each sequence also
+        counts the largest one layer."""
         if self.cap is None:
             return True
         if self.pools is None:
             return sum(s.projected for s in running) + new.projected_prefill <= self.cap
-        largest = max((s.projected for s in running), default=0)
+        if not running:  # it runs alone through its own stores: no pool, no rebuild
+            return new.projected_prefill <= self.cap
+        largest = max(new.projected, *(s.projected for s in running))
+        layer = max(new.projected_layer, *(s.projected_layer for s in running))
         return (len(running) * largest + new.projected_prefill <= self.cap and
-                (len(running) + 1) * max(largest, new.projected) <= self.cap)
+                (len(running) + 1) * (largest + layer) <= self.cap)
 
-    def _repool(self, running: list[Sequence]) -> None:
-        """FastGen: rebuild every layer's pools for the running sequences (after some joined or left)."""
+    def _repool(self, running: list[Sequence], stats: BatchStats) -> None:
+        """FastGen: rebuild every layer's pools for the running sequences (after some joined or left). Layer by
+        layer, each holding its old and new rows at once for a moment (pool.py): that moment is measured."""
+        held = self._held(running)
         for i, layer in enumerate(self.pools or []):
+            before = layer.nbytes() + sum(s.caches[i].nbytes() for s in running)
             layer.update([s.caches[i] for s in running])
+            after = layer.nbytes() + sum(s.caches[i].nbytes() for s in running)
+            stats.peak_kv_bytes = max(stats.peak_kv_bytes, held + after)  # layer i's old rows are still there
+            held += after - before
 
     def _step(self, running: list[Sequence]) -> list[int]:
-        """One decode step for every running sequence: (B, 1) tokens in one forward, one host sync for the ids."""
+        """One decode step for every running sequence: (B, 1) tokens in one forward, every row sampled at once
+        (each sequence's noise from its own generator), one host sync for the ids."""
         for seq in running:
             if seq.on_tokens:
                 seq.on_tokens([seq.token])
         tokens = torch.tensor([[s.token] for s in running], dtype=torch.long, device=self.device)  # (B, 1)
         caches = self.pools or [s.caches for s in running]  # FastGen: per layer, one pooled object for the batch
         logits = self.model(tokens, caches, [s.pos for s in running])[:, 0]  # (B, vocab)
-        if self.sampling.temperature <= 0:
-            return logits.argmax(dim=-1).tolist()  # reading the sampled tokens: the step's one host sync
-        return torch.cat([sample(row, self.sampling, s.generator) for row, s in zip(logits, running)]).tolist()
+        generators = [s.generator for s in running] if self.sampling.seed is not None else None
+        return sample(logits, self.sampling, generators).tolist()  # reading the sampled tokens: the one host sync
+
+    def _held(self, running: list[Sequence]) -> int:
+        """The bytes of every running sequence's caches (pooled stores count in their pools): tensor sizes, known on
+        the host."""
+        held = sum(cache.nbytes() for s in running for cache in s.caches)
+        return held + sum(layer.nbytes() for layer in self.pools or [])
 
     def _measure(self, running: list[Sequence], stats: BatchStats) -> None:
         c = self.model.cfg
-        held = sum(cache.nbytes() for s in running for cache in s.caches)  # pooled stores count in their pools
-        held += sum(layer.nbytes() for layer in self.pools or [])
         full = sum(full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, s.pos, self.model.embed.weight.dtype)
                    for s in running)
-        stats.peak_kv_bytes = max(stats.peak_kv_bytes, held)
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, self._held(running))
         stats.peak_kv_bytes_full = max(stats.peak_kv_bytes_full, full)
 
     @torch.inference_mode()
     def run(self, prompts: list[tuple[int, list[int]]], on_done: Callable[[Sequence], None]) -> BatchStats:
         stats = BatchStats(batch=self.batch, prompts=len(prompts))
-        waiting = [Sequence(i, ids, *self.projected(len(ids))) for i, ids in prompts]
+        waiting = [self.sequence(i, ids) for i, ids in prompts]
         waiting.reverse()  # pop() takes them in input order
         running: list[Sequence] = []
-        t_start, steps = time.perf_counter(), 0
+        t_start = time.perf_counter()
 
         def finish(seq):
-            if self.pools is not None and seq.caches:
-                for layer, cache in zip(self.pools, seq.caches):
-                    layer.release(cache)  # its own rows back: the caches read as after a batch-1 run
             seq.kept_fraction = kept_fraction(seq.caches)
-            seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
+            if self.pools is not None:  # its rows leave the pools at the next rebuild; what they would hold alone
+                seq.kv_bytes = sum(layer.leave(cache) for layer, cache in zip(self.pools, seq.caches))
+            else:
+                seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
             seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
-            seq.caches, seq.on_tokens = [], None  # frees its memory now
+            seq.caches, seq.on_tokens = [], None  # frees its memory now (pooled rows: at the rebuild that follows)
             stats.generated_tokens += len(seq.out)
             on_done(seq)
 
@@ -246,13 +287,11 @@ class BatchRunner:
                 continue  # everything admitted so far finished at its prefill: admit more
             t0 = time.perf_counter()
             if joined:
-                self._repool(running)
+                self._repool(running, stats)
             ids = self._step(running)
             stats.decode_seconds += time.perf_counter() - t0
             stats.decode_tokens += len(running)
-            steps += 1
-            if steps % self.check_every == 0:
-                self._measure(running, stats)
+            self._measure(running, stats)
             left = False
             for seq, token in zip(list(running), ids):
                 self._take(seq, token)
@@ -262,7 +301,7 @@ class BatchRunner:
                     left = True
             if left:  # a finished sequence's rows leave the pools now, before the next prompt is admitted
                 t0 = time.perf_counter()
-                self._repool(running)
+                self._repool(running, stats)
                 stats.decode_seconds += time.perf_counter() - t0
             if self.on_progress:
                 self.on_progress(stats, len(running), len(waiting))

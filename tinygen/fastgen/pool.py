@@ -9,10 +9,10 @@ padded to the longest pair, so one step of the same ops serves the whole batch.
 A pair's rows are exactly its store's rows; the pool adds per-pair lengths. Attention masks each pair's rows beyond
 its own `kept + 1`; the new token goes to each pair's own row (`kept`, or the row its last eviction freed); budgets,
 evictions and bitmaps are per pair as at batch 1, each sequence's budget from its own length and token kinds (host
-arithmetic, so the step needs no host sync). The stores keep their host state (kept, hole, kinds) and get their
-rows back when their sequence leaves the batch (`FastGenBatch.release`), so a finished sequence's caches read as
-after a batch-1 run. Padding costs memory: a pool holds every pair at the longest pair's capacity, which batch.py's
-admission counts.
+arithmetic, so the step needs no host sync). The stores keep their host state (kept, hole, kinds) and can get their
+rows back (`FastGenBatch.release`: the caches then read as after a batch-1 run); a finished sequence just leaves
+(`leave`), and its rows go with the next rebuild. Padding costs memory: a pool holds every pair at the longest pair's
+capacity, and a rebuild holds the old rows and the new pools for a moment; batch.py's admission counts both.
 """
 from __future__ import annotations
 
@@ -48,31 +48,33 @@ class StorePool:
         self.in_order = [kv for kv, _, _ in pairs] == list(range(batch * n_kv_heads))  # every head of every sequence
         self.pair_member = torch.tensor([m for _, m, _ in pairs], device=device)  # (P,) which member a pair is
         where = {(m, i): p for p, (_, m, i) in enumerate(pairs)}
-        self.member_pairs = [torch.tensor([where[m, i] for i in range(len(s.kv_heads))], device=device)
-                             for m, s in enumerate(self.stores)]  # each member's pairs, in its store's head order
+        # a member's pairs are consecutive (its heads ascend, and pairs go by sequence, then head): rows a:a+heads
+        self.first = [where[m, 0] for m in range(len(self.stores))]
+        assert all(where[m, i] == a + i for m, a in enumerate(self.first) for i in range(len(self.stores[m].kv_heads)))
         self.pair = torch.arange(P, device=device)
         self.most_rows = max(s.most_rows for s in self.stores)
-        sources = [s.rows() for s in self.stores]  # each {field: (heads, capacity, ...)} plus bitmap and free
-        cap = max(own_capacity(s, src["k"].shape[1]) for s, src in zip(self.stores, sources))
-        for name in ROW_FIELDS + ("bitmap",):
-            if sources[0][name] is None:
+        # Each member's rows are copied from where they are, its own tensors or the pool it was in (slices, so no
+        # temporary), and stay there until `adopt`: building holds the old rows and the new pool, nothing more.
+        sources = [(s.pool, s.pool_rows.start) if s.pool is not None else (s, 0) for s in self.stores]
+        cap = max(own_capacity(s, src.k.shape[1]) for s, (src, _) in zip(self.stores, sources))
+        width = max((s.max_len + 7) // 8 for s in self.stores)
+        for name in ROW_FIELDS + ("bitmap", "free"):
+            old = getattr(sources[0][0], name)
+            if old is None:
                 setattr(self, name, None)
                 continue
             # Rows [0, kept + 1) hold data (the freed row is among them); the rest stay zero, so that masked rows
             # never feed attention a NaN from uninitialized memory.
-            parts = [src[name] if name == "bitmap" else src[name][:, : s.kept + 1]
-                     for src, s in zip(sources, self.stores)]
-            width = max(p.shape[1] for p in parts) if name == "bitmap" else cap
-            t = parts[0].new_full((P, width) + tuple(parts[0].shape[2:]), FILL.get(name, 0))
-            for part, pair in zip(parts, self.member_pairs):
-                t[pair, : part.shape[1]] = part
+            shape = (P,) if name == "free" else (P, width) if name == "bitmap" else (P, cap) + tuple(old.shape[2:])
+            t = old.new_full(shape, FILL.get(name, 0))
+            for s, a, (src, b) in zip(self.stores, self.first, sources):
+                n = len(s.kv_heads)
+                if name == "free":
+                    t[a : a + n] = src.free[b : b + n]
+                else:  # per-row fields: rows [0, kept + 1); the bitmap: the member's own bytes
+                    w = (s.max_len + 7) // 8 if name == "bitmap" else s.kept + 1
+                    t[a : a + n, :w] = getattr(src, name)[b : b + n, :w]
             setattr(self, name, t)
-        self.free = torch.zeros(P, dtype=torch.long, device=device)  # each pair's freed row, when its store's hole
-        for src, pair in zip(sources, self.member_pairs):
-            self.free[pair] = src["free"]
-        for s, pair in zip(self.stores, self.member_pairs):
-            s.pool, s.pool_pairs = self, pair
-            s.k = s.v = s.pos = s.prot = s.score = s.bitmap = s.free = None  # the pool holds the rows now
         self.kernel = kernel
         if kernel:  # each pair is one row of the kernel's tables, serving its query heads of the batch's q
             self.q_first = (self.kv_index * self.groups).to(torch.int32)
@@ -85,13 +87,25 @@ class StorePool:
         self.v_rows = host_to_device(row_addresses(self.v), device)
         self.score_rows = None if self.score is None else host_to_device(row_addresses(self.score, kv=False), device)
 
+    def adopt(self):
+        """The members' rows live here from now on: their own tensors, or their old pool, are let go."""
+        for s, a in zip(self.stores, self.first):
+            s.pool, s.pool_rows = self, slice(a, a + len(s.kv_heads))
+            s.k = s.v = s.pos = s.prot = s.score = s.bitmap = s.free = None
+
     def slice_of(self, store: PolicyStore) -> dict:
-        """A member's rows (copies): its pairs, its bitmap width."""
-        p = store.pool_pairs
+        """A member's rows (views): its pairs, its bitmap width."""
+        p = store.pool_rows
         rows = {name: None if getattr(self, name) is None else getattr(self, name)[p] for name in ROW_FIELDS}
         rows["bitmap"] = self.bitmap[p, : (store.max_len + 7) // 8]
         rows["free"] = self.free[p]
         return rows
+
+    def own_bytes(self, store: PolicyStore) -> int:
+        """What a member's stores would hold on their own (`FastGenBatch.release`), without copying anything."""
+        cap, heads = own_capacity(store, self.k.shape[1]), len(store.kv_heads)
+        per_row = sum(t[0, 0].nbytes for t in (self.k, self.v, self.pos, self.prot, self.score) if t is not None)
+        return heads * (cap * per_row + (store.max_len + 7) // 8 + self.free.itemsize)
 
     def _grow(self, rows: int):
         """Room for `rows` rows plus one block, as a store grows, never past the longest member's need."""
@@ -216,7 +230,12 @@ class FastGenBatch:
     the leading dimension, every store in a pool (`pool_key`).
 
     `update(caches)` (the running sequences' caches of this layer, in batch order) rebuilds the pools when the
-    batch changes; `release(cache)` gives a leaving sequence's stores their own rows back."""
+    batch changes; `leave(cache)` takes a finished sequence out, `release(cache)` gives a sequence's stores their own
+    rows back.
+
+    While `update` runs, the layer holds its old rows (the old pools and the stores' own rows) and the new ones (the
+    new pools, or a lone sequence's own rows) at once, and nothing else: at its peak, the bytes before plus the bytes
+    after (batch.py counts that moment and its admission bounds it)."""
 
     def __init__(self, n_heads: int, n_kv_heads: int):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
@@ -226,17 +245,29 @@ class FastGenBatch:
     def update(self, caches: list) -> None:
         if len(caches) == 1:  # one sequence steps through its own stores: a pool of one only costs ops
             self.release(caches[0])
-        self.caches, self.pools = list(caches), []
-        if len(caches) <= 1:
-            return
-        members = defaultdict(list)  # pool_key -> [(sequence, store)]
-        for b, cache in enumerate(caches):
-            assert cache.pending is None, "a sequence joins the batch after its prefill compressed its caches"
-            for s in cache.stores:
-                members[pool_key(s)].append((b, s))
-        kernel = attention_paths(caches[0].kinds.by_position.device)[1] == "triton"
-        self.pools = [StorePool(m, len(caches), self.n_heads, self.n_kv_heads, kernel)
-                      for _, m in sorted(members.items())]
+        pools = []
+        if len(caches) > 1:
+            members = defaultdict(list)  # pool_key -> [(sequence, store)]
+            for b, cache in enumerate(caches):
+                assert cache.pending is None, "a sequence joins the batch after its prefill compressed its caches"
+                for s in cache.stores:
+                    members[pool_key(s)].append((b, s))
+            kernel = attention_paths(caches[0].kinds.by_position.device)[1] == "triton"
+            pools = [StorePool(m, len(caches), self.n_heads, self.n_kv_heads, kernel)
+                     for _, m in sorted(members.items())]
+            for pool in pools:  # only now do the old pools and the stores' own rows go
+                pool.adopt()
+        self.caches, self.pools = list(caches), pools
+
+    def leave(self, cache) -> int:
+        """A finished sequence leaves the batch without a copy (its rows stay in the pools until the next `update`);
+        returns the bytes its stores hold, or would hold on their own (as after `release`)."""
+        self.caches = [c for c in self.caches if c is not cache]
+        held = 0
+        for s in cache.stores:
+            held += storage_bytes(*s.tensors()) if s.pool is None else s.pool.own_bytes(s)
+            s.pool = None  # no reference back from a finished store keeps a pool alive
+        return held
 
     def release(self, cache) -> None:
         """Copy a sequence's rows out of the pools into its own stores (trimmed to what they hold plus a block)."""

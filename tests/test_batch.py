@@ -208,7 +208,7 @@ def test_ctrl_c_keeps_the_finished_answers(chat_model, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert 1 <= len(rows) < 400 and [x["index"] for x in rows] == list(range(len(rows)))
     assert all(x["generated_tokens"] == 30 for x in rows)
-    assert "Traceback" not in rest and "answers written" in rest
+    assert "Traceback" not in rest and "answers are in" in rest
 
 
 

@@ -315,3 +315,30 @@ def test_admission_counts_the_pool_padding(tiny_engine):
         return r.run([(0, short.prompt), (1, long.prompt)], lambda seq: None).max_running
     assert running(padded - 1) == 1
     assert running(padded) == 2
+
+
+@pytest.mark.parametrize("policy", ["full", "auto"])
+def test_step_by_step_with_a_cancel(chat_model, policy):
+    """The loop a server drives: submit, step, cancel. A sequence cancelled mid-answer leaves at the next step with
+    its caches freed and is not among the finished; the others' answers equal an uninterrupted run's; a request's
+    own max_new_tokens and sampling hold for it alone."""
+    model = load_model(chat_model, batch=3)
+    tok = Tokenizer(chat_model, model.cfg.eos_token_ids)
+    prompts = [(i, tok.encode(tok.render_chat([{"role": "user", "content": t}]))) for i, t in enumerate(MIXED[:3])]
+    cfg = FastGenConfig(policy)
+    want = {}
+    BatchRunner(model, tok, cfg, SamplingParams(), 10, 3, ignore_eos=True).run(
+        prompts, lambda s: want.__setitem__(s.index, list(s.out)))
+    runner = BatchRunner(model, tok, cfg, SamplingParams(), 10, 3, ignore_eos=True)
+    seqs = [runner.submit(i, ids) for i, ids in prompts[:2]]
+    short = runner.submit(2, prompts[2][1], max_new_tokens=4, sampling=SamplingParams(temperature=0.8, seed=1))
+    finished = runner.step() + runner.step()  # admission (prefill: 1 token) and a decode step (2), then one more (3)
+    assert finished == [] and [len(s.out) for s in seqs] == [3, 3]
+    runner.cancel(seqs[1])
+    while not runner.idle:
+        finished += runner.step()
+    assert seqs[1].stop_reason == "cancelled" and seqs[1].caches == [] and seqs[1] not in finished
+    assert seqs[1].out == want[1][:3]
+    assert [s.index for s in finished] == [2, 0] and seqs[0].out == want[0]
+    assert len(short.out) == 4 and short.stop_reason == "length"
+    assert runner.stats.generated_tokens == 10 + 4 + 3

@@ -150,3 +150,10 @@ def test_batch_step_samples_every_row_without_a_sync_and_as_alone(tiny):
     assert syncs and set(syncs) == {0}
     assert together == [run(1)[i] for i in range(3)]
     assert len({tuple(x) for x in together}) == 3
+
+
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """--temperature 1e-45: logits / T overflows to inf unless shifted first; the draw must be the argmax."""
+    logits = torch.randn(4, 50) * 10
+    ids = sample(logits, SamplingParams(temperature=1e-45, seed=0), torch.Generator().manual_seed(0))
+    assert torch.equal(ids, logits.argmax(dim=-1))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -49,9 +50,11 @@ class Sequence:
     caches: list = field(default_factory=list)
     on_tokens: Callable | None = None
     generator: torch.Generator | None = None
+    max_new_tokens: int = 0  # this sequence's own limit (a server's request may ask for its own)
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # ... and its own sampling
     out: list[int] = field(default_factory=list)
     token: int = -1  # the last sampled token, not yet fed to the model
-    stop_reason: str = ""
+    stop_reason: str = ""  # set when it finishes: eos, length, context, or the reason given to cancel()
     kept_fraction: float = 1.0  # at the end, as are the bytes its caches held then and each head's policy
     kv_bytes: int = 0
     policies: list | None = None
@@ -144,8 +147,10 @@ def kept_share(cfg: FastGenConfig) -> float:
 
 
 class BatchRunner:
-    """Runs prompts through continuous batching. `run(prompts, on_done)` calls on_done(sequence) as each finishes,
-    in finishing order, and returns BatchStats."""
+    """Continuous batching. `run(prompts, on_done)` answers a list of prompts, calling on_done(sequence) as each
+    finishes, in finishing order, and returns BatchStats. A loop that takes requests as they come (a server) drives
+    the same machinery itself: `submit` queues a prompt, `step` admits what fits and decodes one token for every
+    running sequence, `cancel` takes a sequence out (its caches are freed at the next step)."""
 
     def __init__(self, model, tok, cfg: FastGenConfig, sampling: SamplingParams, max_new_tokens: int, batch: int,
                  kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, pool: bool = True):
@@ -159,27 +164,54 @@ class BatchRunner:
         c = model.cfg
         self.pools = None if cfg.policy == "full" or not pool else [FastGenBatch(c.n_heads, c.n_kv_heads)
                                                                     for _ in range(c.n_layers)]
+        self.waiting: deque[Sequence] = deque()  # in arrival order
+        self.running: list[Sequence] = []
+        self.stats = BatchStats(batch=batch)
 
-    def sequence(self, index: int, prompt: list[int]) -> Sequence:
+    def sequence(self, index: int, prompt: list[int], max_new_tokens: int | None = None,
+                 sampling: SamplingParams | None = None) -> Sequence:
         """A prompt as it waits, with its projected KV bytes (one layer's only matters to the pools)."""
-        n = len(prompt)
-        layer = projected_layer_bytes(self.model, self.cfg, n, self.max_new_tokens) if self.pools else 0
-        return Sequence(index, prompt, *projected_bytes(self.model, self.cfg, n, self.max_new_tokens), layer)
+        n, new = len(prompt), max_new_tokens or self.max_new_tokens
+        layer = projected_layer_bytes(self.model, self.cfg, n, new) if self.pools else 0
+        return Sequence(index, prompt, *projected_bytes(self.model, self.cfg, n, new), layer, max_new_tokens=new,
+                        sampling=sampling or self.sampling)
+
+    def submit(self, index: int, prompt: list[int], max_new_tokens: int | None = None,
+               sampling: SamplingParams | None = None) -> Sequence:
+        """Queue a prompt; it joins the batch when there is a slot and its projected bytes fit under the cap. Check
+        `too_large` first: a prompt that cannot fit even alone would stop the queue."""
+        seq = self.sequence(index, prompt, max_new_tokens, sampling)
+        self.waiting.append(seq)
+        self.stats.prompts += 1
+        return seq
+
+    def too_large(self, seq: Sequence) -> bool:
+        """Whether `seq` can never run under the cap, even alone."""
+        return self.cap is not None and seq.projected_prefill > self.cap
+
+    def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
+        """Take `seq` out (a client gone, a stop string): it leaves at the next step, and on_done is not called."""
+        if not seq.stop_reason:
+            seq.stop_reason = reason
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
 
     def _start(self, seq: Sequence, running: list[Sequence], stats: BatchStats) -> None:
         """Prefill one admitted prompt on its own and sample its first token. The KV bytes are measured before the
         last layer's prefill too, when the budget profile holds every layer's prompt K/V."""
-        limit = min(self.model.cfg.max_seq_len, len(seq.prompt) + self.max_new_tokens)
+        limit = min(self.model.cfg.max_seq_len, len(seq.prompt) + seq.max_new_tokens)
         seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
-        if self.sampling.seed is not None:
+        if seq.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(self.sampling.seed)
+            seq.generator.manual_seed(seq.sampling.seed)
         if seq.on_tokens:
             seq.on_tokens(seq.prompt)
         last = self.model.cfg.n_layers - 2
         on_layer = lambda i: self._measure(running + [seq], stats) if i == last else None
         logits = prefill(self.model, seq.prompt, seq.caches, 0, on_layer)
-        self._take(seq, int(sample(logits, self.sampling, seq.generator).item()))  # reading its first token
+        self._take(seq, int(sample(logits, seq.sampling, seq.generator).item()))  # reading its first token
 
     def _take(self, seq: Sequence, token: int) -> None:
         """A sampled token: the end, or one more token of the answer (as generate() decides)."""
@@ -188,7 +220,7 @@ class BatchRunner:
             return
         seq.out.append(token)
         seq.token = token
-        if len(seq.out) >= self.max_new_tokens:
+        if len(seq.out) >= seq.max_new_tokens:
             seq.stop_reason = "length"
         elif seq.pos >= self.model.cfg.max_seq_len:
             seq.stop_reason = "context"
@@ -229,8 +261,14 @@ class BatchRunner:
         tokens = torch.tensor([[s.token] for s in running], dtype=torch.long, device=self.device)  # (B, 1)
         caches = self.pools or [s.caches for s in running]  # FastGen: per layer, one pooled object for the batch
         logits = self.model(tokens, caches, [s.pos for s in running])[:, 0]  # (B, vocab)
-        generators = [s.generator for s in running] if self.sampling.seed is not None else None
-        return sample(logits, self.sampling, generators).tolist()  # reading the sampled tokens: the one host sync
+        ids = torch.empty(len(running), dtype=torch.long, device=self.device)
+        groups: dict[SamplingParams, list[int]] = {}  # rows that sample alike are sampled together
+        for row, s in enumerate(running):
+            groups.setdefault(s.sampling, []).append(row)
+        for params, rows in groups.items():
+            gens = [running[r].generator for r in rows] if params.seed is not None else None
+            ids[rows] = sample(logits[rows], params, gens)
+        return ids.tolist()  # reading the sampled tokens: the one host sync
 
     def _held(self, running: list[Sequence]) -> int:
         """The bytes of every running sequence's caches (pooled stores count in their pools): tensor sizes, known on
@@ -245,65 +283,82 @@ class BatchRunner:
         stats.peak_kv_bytes = max(stats.peak_kv_bytes, self._held(running))
         stats.peak_kv_bytes_full = max(stats.peak_kv_bytes_full, full)
 
+    def _finish(self, seq: Sequence) -> None:
+        seq.kept_fraction = kept_fraction(seq.caches) if seq.caches else 1.0
+        if self.pools is not None and seq.caches:  # its rows leave the pools at the next rebuild
+            seq.kv_bytes = sum(layer.leave(cache) for layer, cache in zip(self.pools, seq.caches))
+        else:
+            seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
+        seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
+        seq.caches, seq.on_tokens = [], None  # frees its memory now (pooled rows: at the rebuild that follows)
+        self.stats.generated_tokens += len(seq.out)
+
     @torch.inference_mode()
-    def run(self, prompts: list[tuple[int, list[int]]], on_done: Callable[[Sequence], None]) -> BatchStats:
-        stats = BatchStats(batch=self.batch, prompts=len(prompts))
-        waiting = [self.sequence(i, ids) for i, ids in prompts]
-        waiting.reverse()  # pop() takes them in input order
-        running: list[Sequence] = []
-        t_start = time.perf_counter()
-
-        def finish(seq):
-            seq.kept_fraction = kept_fraction(seq.caches)
-            if self.pools is not None:  # its rows leave the pools at the next rebuild; what they would hold alone
-                seq.kv_bytes = sum(layer.leave(cache) for layer, cache in zip(self.pools, seq.caches))
-            else:
-                seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
-            seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
-            seq.caches, seq.on_tokens = [], None  # frees its memory now (pooled rows: at the rebuild that follows)
-            stats.generated_tokens += len(seq.out)
-            on_done(seq)
-
-        while waiting or running:
-            if not running and self.cap is not None and waiting[-1].projected_prefill > self.cap:
-                raise TinygenError(f"prompt {waiting[-1].index} needs {waiting[-1].projected_prefill / 2**20:.2f} MiB "
-                                   f"of KV cache, more than the cap of {self.cap / 2**20:.2f} MiB")
-            # Admit in input order while there is a slot and the projected bytes fit under the cap.
-            joined = False
-            while waiting and len(running) < self.batch and self.fits(running, waiting[-1]):
-                seq = waiting.pop()
-                t0 = time.perf_counter()
-                self._start(seq, running, stats)
-                stats.prefill_seconds += time.perf_counter() - t0
-                running.append(seq)
-                stats.max_running = max(stats.max_running, len(running))
-                self._measure(running, stats)
-                if seq.stop_reason:
-                    running.remove(seq)
-                    finish(seq)
-                else:
-                    joined = True
-            if not running:
-                continue  # everything admitted so far finished at its prefill: admit more
+    def step(self) -> list[Sequence]:
+        """Drop cancelled sequences, admit waiting ones in arrival order while there is a slot and their projected
+        bytes fit, and decode one token for every running sequence. Returns the sequences that finished (EOS,
+        their limit, the context) in this call, each with its last token in `out`; the running ones have one more
+        token each."""
+        stats, running, finished = self.stats, self.running, []
+        left = False
+        for seq in [s for s in running if s.stop_reason]:  # cancelled since the last step
+            running.remove(seq)
+            self._finish(seq)
+            left = True
+        for seq in [s for s in self.waiting if s.stop_reason]:
+            self.waiting.remove(seq)
+        if left:
+            self._repool(running, stats)
+        if not running and self.waiting and self.too_large(self.waiting[0]):
+            seq = self.waiting[0]
+            raise TinygenError(f"prompt {seq.index} needs {seq.projected_prefill / 2**20:.2f} MiB of KV cache, more "
+                               f"than the cap of {self.cap / 2**20:.2f} MiB")
+        joined = False
+        while self.waiting and len(running) < self.batch and self.fits(running, self.waiting[0]):
+            seq = self.waiting.popleft()
             t0 = time.perf_counter()
-            if joined:
-                self._repool(running, stats)
-            ids = self._step(running)
-            stats.decode_seconds += time.perf_counter() - t0
-            stats.decode_tokens += len(running)
+            self._start(seq, running, stats)
+            stats.prefill_seconds += time.perf_counter() - t0
+            running.append(seq)
+            stats.max_running = max(stats.max_running, len(running))
             self._measure(running, stats)
-            left = False
-            for seq, token in zip(list(running), ids):
-                self._take(seq, token)
-                if seq.stop_reason:
-                    running.remove(seq)
-                    finish(seq)
-                    left = True
-            if left:  # a finished sequence's rows leave the pools now, before the next prompt is admitted
-                t0 = time.perf_counter()
-                self._repool(running, stats)
-                stats.decode_seconds += time.perf_counter() - t0
+            if seq.stop_reason:
+                running.remove(seq)
+                self._finish(seq)
+                finished.append(seq)
+            else:
+                joined = True
+        if not running:
+            return finished  # everything admitted finished at its prefill
+        t0 = time.perf_counter()
+        if joined:
+            self._repool(running, stats)
+        ids = self._step(running)
+        stats.decode_seconds += time.perf_counter() - t0
+        stats.decode_tokens += len(running)
+        self._measure(running, stats)
+        left = False
+        for seq, token in zip(list(running), ids):
+            self._take(seq, token)
+            if seq.stop_reason:
+                running.remove(seq)
+                self._finish(seq)
+                finished.append(seq)
+                left = True
+        if left:  # a finished sequence's rows leave the pools now, before the next prompt is admitted
+            t0 = time.perf_counter()
+            self._repool(running, stats)
+            stats.decode_seconds += time.perf_counter() - t0
+        return finished
+
+    def run(self, prompts: list[tuple[int, list[int]]], on_done: Callable[[Sequence], None]) -> BatchStats:
+        t_start = time.perf_counter()
+        for i, ids in prompts:
+            self.submit(i, ids)
+        while not self.idle:
+            for seq in self.step():
+                on_done(seq)
             if self.on_progress:
-                self.on_progress(stats, len(running), len(waiting))
-        stats.seconds = time.perf_counter() - t_start
-        return stats
+                self.on_progress(self.stats, len(self.running), len(self.waiting))
+        self.stats.seconds = time.perf_counter() - t_start
+        return self.stats

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
     top_k: int = 0  # 0: no limit
@@ -27,7 +27,10 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     logits = logits.view(-1, logits.shape[-1])  # (B, vocab)
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / params.temperature
+    logits = logits.float()
+    # Shifted so each row's largest logit is 0 before dividing: a tiny temperature then gives -inf to the others
+    # (greedy), never inf - inf = nan.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1): each row's k-th largest

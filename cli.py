@@ -4,20 +4,27 @@
     python cli.py --chat
     python cli.py --prompts-file prompts.jsonl --out answers.jsonl --batch 8
     python cli.py --perplexity ../shared/eval/wikitext2_test.txt --ctx 512
+    python cli.py --serve --port 8000
 """
 from __future__ import annotations
 
-import math
-import os
-import re
+import signal
 import sys
-from pathlib import Path
+
+if __name__ == "__main__":  # from the first line on, Ctrl-C or SIGTERM exits quietly (130 / 143) until run_main
+    for _sig in (signal.SIGINT, signal.SIGTERM):  # puts its own handler in place
+        signal.signal(_sig, lambda signum, frame: sys.exit(128 + signum))
+
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from tinygen.cliutil import (OneLineParser, PrefillProgress, exit_code, held, read_text, run_main,  # noqa: E402
-                             write_json_atomic)
+from tinygen.cliutil import (OneLineParser, PrefillProgress, check_interrupted, exit_code, held,  # noqa: E402
+                             read_text, run_main, write_json_atomic)
 DEFAULT_MODEL = ROOT / "weights" / "SmolLM2-135M-Instruct"
 
 
@@ -31,6 +38,12 @@ def parse_args(argv):
                      "prompt, instruction or turns) in batches; needs --out")
     src.add_argument("--chat", action="store_true", help="an interactive conversation whose cache carries it from "
                      "turn to turn (/reset, /stats, /exit; with stdin not a terminal, one user turn per line)")
+    src.add_argument("--serve", action="store_true", help="an OpenAI-compatible HTTP server on the continuous "
+                     "batcher (docs/server.md); no authentication: put a proxy in front to serve others")
+    p.add_argument("--host", default=None, help="--serve: the address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="--serve: the port (default 8000)")
+    p.add_argument("--max-waiting", type=int, default=None, metavar="N", help="--serve: requests queued for "
+                   "admission at most; past it a 503 with Retry-After (default 64)")
     p.add_argument("--ctx", type=int, default=512, help="window length in tokens for --perplexity (default 512)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="HF-layout Llama checkpoint directory")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present; default)")
@@ -67,9 +80,10 @@ def parse_args(argv):
     p.add_argument("--stats-json", metavar="FILE", help="also write the stats as JSON to FILE (with --chat: a list, "
                    "one record per turn)")
     p.add_argument("--out", metavar="FILE", help="--prompts-file: write the answers here (JSONL, input order)")
-    p.add_argument("--batch", type=int, default=None, help="--prompts-file: most sequences decoded at once (default 8)")
-    p.add_argument("--kv-budget-mb", type=float, default=None, metavar="M", help="--prompts-file: cap on the KV "
-                   "caches' bytes (MiB); a prompt joins the batch when its projected cache fits")
+    p.add_argument("--batch", type=int, default=None, help="--prompts-file and --serve: most sequences decoded at "
+                   "once (default 8)")
+    p.add_argument("--kv-budget-mb", type=float, default=None, metavar="M", help="--prompts-file and --serve: cap on "
+                   "the KV caches' bytes (MiB); a prompt joins the batch when its projected cache fits")
     p.add_argument("--compile", action="store_true", help="decode through torch.compile (CPU, --policy full, one "
                    "prompt): fewer, fused ops per step; compiling takes about 50 s at every start")
     p.add_argument("--progress", action="store_true", help="show the progress line of long prefills (1k tokens or "
@@ -95,15 +109,30 @@ def invalid(a) -> list[str]:
     batch_given, a.batch = a.batch is not None, 8 if a.batch is None else a.batch
     a.profile = a.profile or ("paper" if a.threshold is not None else "budget")
     modes = [a.prompt is not None, a.prompt_file is not None, a.perplexity is not None, a.chat,
-             a.prompts_file is not None]
+             a.prompts_file is not None, a.serve]
+    server_given = {"--host": a.host is not None, "--port": a.port is not None,
+                    "--max-waiting": a.max_waiting is not None}
+    a.host = "127.0.0.1" if a.host is None else a.host
+    a.port = 8000 if a.port is None else a.port
+    a.max_waiting = 64 if a.max_waiting is None else a.max_waiting
     budgeted = a.policy == "auto" and a.profile == "budget"
     generating = a.perplexity is None
     checks = [
-        (not any(modes), "give --prompt, --prompt-file, --prompts-file, --chat or --perplexity"),
+        (not any(modes), "give --prompt, --prompt-file, --prompts-file, --chat, --perplexity or --serve"),
         (a.prompts_file is not None and a.out is None, "--prompts-file needs --out FILE for the answers"),
         *[(given and a.prompts_file is None, f"{flag} is for --prompts-file")
-          for flag, given in (("--out", a.out is not None), ("--batch", batch_given),
-                              ("--kv-budget-mb", a.kv_budget_mb is not None), ("--resume", a.resume))],
+          for flag, given in (("--out", a.out is not None), ("--resume", a.resume))],
+        *[(given and a.prompts_file is None and not a.serve, f"{flag} is for --prompts-file and --serve")
+          for flag, given in (("--batch", batch_given), ("--kv-budget-mb", a.kv_budget_mb is not None))],
+        *[(given and not a.serve, f"{flag} is for --serve") for flag, given in server_given.items()],
+        *[(given and a.serve, f"{flag} is not for --serve{why}") for flag, given, why in (
+            ("--stats-json", a.stats_json is not None, ": /metrics and each answer's usage carry the figures"),
+            ("--system", a.system is not None, ": a chat request brings its own system message"),
+            ("--no-chat", a.no_chat, ": /v1/completions takes raw text, /v1/chat/completions messages"),
+            ("--compile", a.compile, ""), ("--progress", a.progress, ""))],
+        (not 1 <= a.port <= 65535, "--port must be in [1, 65535]"),
+        (not a.host.strip(), "--host is empty"),
+        (not 1 <= a.max_waiting <= 10**6, "--max-waiting must be at least 1 (and at most 1000000)"),
         (a.chat and a.no_chat, "--chat needs the chat template; --no-chat is for one raw completion"),
         (a.system is not None and (a.no_chat or not generating), "--system is for the chat template; --no-chat "
          "and --perplexity have none"),
@@ -170,32 +199,38 @@ def invalid(a) -> list[str]:
 
 
 def run(a) -> int:
-    import torch
+    # A signal while modules import or the weights load takes effect once they are in: an exception raised inside a
+    # third-party import can leave that module half-built (seen: numpy.linalg, imported lazily by torch._dynamo).
+    with held():
+        import torch
 
-    from tinygen.errors import TinygenError
-    from tinygen.fastgen.budget import calibration_path, with_calibration
-    from tinygen.fastgen.cache import make_caches, policy_map
-    from tinygen.fastgen.policy import FastGenConfig
-    from tinygen.compiled import CompiledDecoder
-    from tinygen.generate import GenerationStats, decode_step, generate
-    from tinygen.loader import load_model
-    from tinygen.perplexity import perplexity
-    from tinygen.sampling import SamplingParams
-    from tinygen.tokenizer import StreamDecoder, Tokenizer
+        from tinygen.errors import TinygenError
+        from tinygen.fastgen.budget import calibration_path, with_calibration
+        from tinygen.fastgen.cache import make_caches, policy_map
+        from tinygen.fastgen.policy import FastGenConfig
+        from tinygen.compiled import CompiledDecoder
+        from tinygen.generate import GenerationStats, decode_step, generate
+        from tinygen.loader import load_model
+        from tinygen.perplexity import perplexity
+        from tinygen.sampling import SamplingParams
+        from tinygen.tokenizer import StreamDecoder, Tokenizer
 
-    given = {"kv_budget": a.kv_budget, "threshold": a.threshold, "local_ratio": a.local_ratio,
-             "frequent_ratio": a.frequent_ratio, "shapes": a.shapes}
-    fastgen = FastGenConfig(a.policy, a.profile, **{k: x for k, x in given.items() if x is not None})
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    # A prompts file decodes up to --batch sequences per step: the CPU weights take the layout batches read fastest.
-    batch = a.batch if a.prompts_file else 1
-    if a.compile and device != "cpu":
-        raise TinygenError("--compile runs on the CPU only (not tested on CUDA yet): add --device cpu or leave out "
-                           "--compile")
-    # --compile: plain float matrices, which the compiler packs itself
-    model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize, batch=batch, prepack=not a.compile)
-    cfg = model.cfg
-    tok = Tokenizer(a.model, cfg.eos_token_ids)
+        given = {"kv_budget": a.kv_budget, "threshold": a.threshold, "local_ratio": a.local_ratio,
+                 "frequent_ratio": a.frequent_ratio, "shapes": a.shapes}
+        fastgen = FastGenConfig(a.policy, a.profile, **{k: x for k, x in given.items() if x is not None})
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+        # A prompts file decodes up to --batch sequences per step: the CPU weights take the layout batches read
+        # fastest.
+        batch = a.batch if a.prompts_file or a.serve else 1
+        if a.compile and device != "cpu":
+            raise TinygenError("--compile runs on the CPU only (not tested on CUDA yet): add --device cpu or leave "
+                               "out --compile")
+        # --compile: plain float matrices, which the compiler packs itself
+        model = load_model(a.model, device=device, dtype=a.dtype, quantize=a.quantize, batch=batch,
+                           prepack=not a.compile)
+        cfg = model.cfg
+        tok = Tokenizer(a.model, cfg.eos_token_ids)
+    check_interrupted()  # a signal whose exception was swallowed (inside hasattr(), say)
     calibration = calibration_path(a.model, a.calibration) if fastgen.budgeted else None
     fastgen = with_calibration(fastgen, calibration, cfg.n_layers)  # budgets per layer, if calibrated
 
@@ -214,6 +249,10 @@ def run(a) -> int:
 
     sampling = SamplingParams(a.temperature, a.top_k, a.top_p, a.seed)
     progress = PrefillProgress(cfg.n_layers, force=a.progress)
+    if a.serve:
+        from tinygen.server import serve
+
+        return serve(a, model, tok, fastgen, sampling)
     if a.prompts_file:
         from tinygen.answers import run_prompts_file
 
@@ -246,6 +285,7 @@ def run(a) -> int:
                                  on_tokens, on_layer=progress.callback(len(ids)), decode=decode):
             sys.stdout.write(stream.push(token_id))
             sys.stdout.flush()
+            check_interrupted()
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM, in prefill or decode
         stats.stop_reason, code = "interrupted", exit_code(e)
     with held():  # the answer's end, the stats line and file are written whole

@@ -1,0 +1,327 @@
+"""cli.py --serve as a real process on a free port, reached by real clients (the official openai package, raw
+HTTP): answers equal cli.py's greedy answers, concurrent streams equal their batch-1 answers under a KV cap, a
+client gone frees its sequence, bad requests get OpenAI-style errors and the server goes on, signals exit 0.
+
+One server (a tiny random model with the default tokenizer, 256 positions, auto at 0.7) serves the whole module;
+a second one starts beside it for the SIGINT test. The cli.py references run while the servers load."""
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import ROOT, save_tiny_chat_model
+
+openai = pytest.importorskip("openai", reason="the openai package is a test requirement (requirements.txt)")
+
+CAP_MB = 0.18  # admits two or three of the 16 answers at once: the cap binds, not --batch
+NEW = 16  # the server's --max-new-tokens, and each reference's
+CHAT_PROMPT, RAW_PROMPT = "What is the capital of France?", "Once upon a time"
+MIXED = [("word " * n).strip() if i % 2 else f"Question {i}: " + "tell me more " * n
+         for i, n in enumerate([1, 3, 5, 8, 12, 17, 23, 30, 2, 6, 40, 9, 15, 27, 4, 33])]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, port, *args):
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "--serve", "--model", str(model), "--port",
+                             str(port), "--max-new-tokens", str(NEW), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_ready(p, url, timeout=90):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if p.poll() is not None:
+            pytest.fail(f"the server exited ({p.returncode}): {p.stderr.read()}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    p.kill()
+    pytest.fail("the server did not answer /health")
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *map(str, args), "--max-new-tokens", str(NEW)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, default_model_dir):
+    tmp = tmp_path_factory.mktemp("server")
+    model = save_tiny_chat_model(tmp / "model", default_model_dir, 256)
+    port, port2 = free_port(), free_port()
+    main = start_server(model, port, "--kv-budget-mb", CAP_MB, "--batch", 8, "--max-waiting", 24)
+    spare = start_server(model, port2)
+    (tmp / "mixed.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in MIXED))
+    refs = {"chat": cli("--model", model, "--prompt", CHAT_PROMPT),
+            "raw": cli("--model", model, "--prompt", RAW_PROMPT, "--no-chat"),
+            "mixed": cli("--model", model, "--prompts-file", tmp / "mixed.jsonl", "--out", tmp / "mixed_out.jsonl",
+                         "--batch", 1)}
+    for name, p in refs.items():
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        refs[name] = out[:-1]  # the answer, then one newline
+    refs["mixed"] = [json.loads(line)["text"] for line in (tmp / "mixed_out.jsonl").read_text().splitlines()]
+    url, url2 = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port2}"
+    wait_ready(main, url)
+    wait_ready(spare, url2)
+    yield {"url": url, "proc": main, "spare": (spare, url2), "refs": refs, "model": model.name}
+    for p in (main, spare):
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0)
+
+
+def metrics(url) -> dict:
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(r"^tinygen_(\S+) (\S+)$", text, re.M)}
+
+
+def post(url, path, body, headers=None):
+    """(status, headers, JSON body) of a raw POST; body is bytes or a JSON-able object."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def stream_chat(c, model, text, **kw):
+    chunks = list(c.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], stream=True,
+                                            temperature=0, **kw))
+    return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices), chunks[-1]
+
+
+def test_openai_client_chat_and_completions_equal_cli(server):
+    """The official client, streaming and not: each text is the same prompt's greedy cli.py answer; usage carries
+    the OpenAI counts and tinygen's cache figures."""
+    c, model, refs = client(server), server["model"], server["refs"]
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": CHAT_PROMPT}], temperature=0)
+    assert r.choices[0].message.content == refs["chat"] and r.choices[0].finish_reason == "length"
+    u = r.usage.model_dump()
+    assert u["completion_tokens"] == NEW and u["total_tokens"] == u["prompt_tokens"] + NEW
+    assert u["policy"] == "auto" and 0 < u["kept_fraction"] < 1 and 0 < u["kv_bytes"] and u["kv_bytes_full"] > 0
+    text, last = stream_chat(c, model, CHAT_PROMPT)
+    assert text == refs["chat"] and last.choices[0].finish_reason == "length"
+    assert last.usage.completion_tokens == NEW
+    r = c.completions.create(model=model, prompt=RAW_PROMPT, temperature=0)
+    assert r.choices[0].text == refs["raw"]
+    text = "".join(ch.choices[0].text for ch in c.completions.create(model=model, prompt=RAW_PROMPT, temperature=0,
+                                                                     stream=True))
+    assert text == refs["raw"]
+    assert [m.id for m in c.models.list().data] == [model]
+
+
+def test_stop_string_ends_the_answer_before_it(server):
+    """A stop string found in the text ends the answer just before it, streaming or not, and the sequence leaves."""
+    c, model, want = client(server), server["model"], server["refs"]["chat"]
+    stop = want[len(want) // 2: len(want) // 2 + 3]
+    cut = want.index(stop)
+    r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": CHAT_PROMPT}], temperature=0,
+                                  stop=[stop, "\x00never"])
+    assert r.choices[0].message.content == want[:cut] and r.choices[0].finish_reason == "stop"
+    text, last = stream_chat(c, model, CHAT_PROMPT, stop=stop)
+    assert text == want[:cut] and last.choices[0].finish_reason == "stop"
+
+
+def test_16_concurrent_streams_equal_batch_1_under_the_cap(server):
+    """16 streaming clients at once, prompts of 5 to 130 tokens: each answer equals its batch-1 answer (cli.py
+    --prompts-file --batch 1), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
+    /metrics counts what was served."""
+    url, model = server["url"], server["model"]
+    before, running, done = metrics(url), [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            running.append(metrics(url)["running_sequences"])
+            time.sleep(0.02)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    c = client(server)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: stream_chat(c, model, p), MIXED))
+    done.set()
+    watcher.join()
+    assert [text for text, _ in results] == server["refs"]["mixed"]
+    after = metrics(url)
+    assert 0 < after["kv_bytes_peak"] <= after["kv_bytes_cap"] == int(CAP_MB * 2**20)
+    assert 1 < max(running) < 16, "the cap, not the batch, decides how many run"
+    key = 'requests_total{route="/v1/chat/completions",status="200"}'
+    assert after[key] - before.get(key, 0) == 16
+    tokens = sum(last.usage.completion_tokens for _, last in results)
+    assert after["generated_tokens_total"] - before["generated_tokens_total"] == tokens == 16 * NEW
+    key = 'sequences_finished_total{reason="length"}'
+    assert after[key] - before.get(key, 0) == 16
+    assert after["running_sequences"] == after["waiting_sequences"] == after["kv_bytes_allocated"] == 0
+
+
+def test_a_client_gone_mid_stream_frees_its_sequence(server):
+    """A stream dropped after two events: its sequence leaves and its KV is freed (metrics), long before its 200
+    tokens; an answer running beside it is unaffected."""
+    url, model = server["url"], server["model"]
+    before = metrics(url)
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"model": model, "stream": True, "max_tokens": 200,
+                 "messages": [{"role": "user", "content": "Count to a thousand."}]}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    events = 0
+    while events < 3:
+        events += resp.readline().startswith(b"data: ")
+    with ThreadPoolExecutor(1) as pool:
+        other = pool.submit(stream_chat, client(server), model, MIXED[3])
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        assert other.result()[0] == server["refs"]["mixed"][3]
+    t0 = time.time()
+    while (m := metrics(url))["running_sequences"] or m["kv_bytes_allocated"]:
+        assert time.time() - t0 < 10, m
+        time.sleep(0.05)
+    key = 'sequences_finished_total{reason="cancelled"}'
+    assert m[key] - before.get(key, 0) == 1
+    assert m["generated_tokens_total"] - before["generated_tokens_total"] < 200 + NEW
+
+
+BAD = [  # (body, status, code or param in the error)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}, 400, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "model_not_found"),
+    ({"messages": [{"role": "user", "content": "hi"}], "policy": "full"}, 400, "policy_not_served"),
+    ({"messages": [{"role": "user", "content": "hi"}], "kv_budget": 0.5}, 400, "kv_budget_not_served"),
+    ({"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 40}, 400, "kv_cache_too_large"),
+]
+
+
+def post_oversized(url, size):
+    """A POST that announces `size` bytes and sends a few: the server answers from the headers, as a proxy's
+    client sees it (sending the whole body would meet a closed socket)."""
+    conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(size))
+    conn.endheaders(b"{" * 1000)
+    resp = conn.getresponse()
+    try:
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
+    url, model = server["url"], server["model"]
+    for body, status, where in BAD:
+        if isinstance(body, dict):
+            body = {"model": model, **body}
+        code, _, reply = post(url, "/v1/chat/completions", body)
+        assert code == status, (body if isinstance(body, dict) else body[:40], code, reply)
+        err = reply["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], reply
+        assert where is None or where in (err["param"], err["code"]), reply
+        assert "Traceback" not in err["message"]
+    code, reply = post_oversized(url, 2 << 20)
+    assert code == 413 and reply["error"]["message"], reply
+    code, _, reply = post(url, "/v1/completions", {"model": model, "prompt": RAW_PROMPT, "temperature": 0})
+    assert code == 200 and reply["choices"][0]["text"] == server["refs"]["raw"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    """Past --max-waiting queued requests, a 503 with Retry-After; every other request is answered."""
+    url, model = server["url"], server["model"]
+    body = {"model": model, "prompt": "word " * 30, "max_tokens": NEW}
+    with ThreadPoolExecutor(48) as pool:
+        replies = list(pool.map(lambda _: post(url, "/v1/completions", body), range(48)))
+    busy = [(h, r) for code, h, r in replies if code == 503]
+    assert busy and all(code in (200, 503) for code, _, _ in replies)
+    assert all(h["Retry-After"] and r["error"]["code"] == "server_busy" for h, r in busy)
+    assert len({r["choices"][0]["text"] for code, _, r in replies if code == 200}) == 1
+
+
+def test_sigint_exits_0(server):
+    p, url = server["spare"]
+    assert post(url, "/v1/completions", {"prompt": RAW_PROMPT, "temperature": 0})[2]["choices"][0]["text"] == \
+        server["refs"]["raw"]
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "Traceback" not in err, err
+
+
+def test_sigterm_lets_the_running_stream_finish_then_exits_0(server):
+    """SIGTERM while an answer streams: new requests get 503, the running answer ends whole, exit 0."""
+    url, p, model = server["url"], server["proc"], server["model"]
+    c = client(server)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(stream_chat, c, model, CHAT_PROMPT, max_tokens=120)
+        t0 = time.time()
+        while metrics(url)["running_sequences"] == 0:
+            assert time.time() - t0 < 10
+            time.sleep(0.01)
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        try:
+            code = post(url, "/v1/completions", {"prompt": RAW_PROMPT})[0]
+        except OSError:  # the listening socket may be closed already
+            code = 503
+        assert code == 503
+        text, last = running.result()
+    assert text.startswith(server["refs"]["chat"]) and last.choices[0].finish_reason in ("length", "stop")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--prompt", "hi", "--port", "9000"], "--port is for --serve"),
+    (["--prompt", "hi", "--host", "0.0.0.0"], "--host is for --serve"),
+    (["--prompt", "hi", "--max-waiting", "4"], "--max-waiting is for --serve"),
+    (["--serve", "--prompt", "hi"], "not allowed with argument"),
+    (["--serve", "--port", "70000"], "--port must be in [1, 65535]"),
+    (["--serve", "--max-waiting", "0"], "--max-waiting must be at least 1"),
+    (["--serve", "--stats-json", "x.json"], "--stats-json is not for --serve"),
+    (["--serve", "--system", "be brief"], "--system is not for --serve"),
+    (["--serve", "--compile", "--policy", "full"], "--compile is not for --serve"),
+    (["--serve", "--out", "x.jsonl"], "--out is for --prompts-file"),
+])
+def test_serve_flags_are_checked_before_any_work(args, fragment, capsys):
+    import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(args)
+    assert e.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_serve_flags_defaults():
+    import cli
+
+    a = cli.parse_args(["--serve", "--batch", "16", "--kv-budget-mb", "90"])
+    assert (a.host, a.port, a.max_waiting, a.batch, a.kv_budget_mb) == ("127.0.0.1", 8000, 64, 16, 90.0)

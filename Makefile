@@ -10,11 +10,15 @@ POLICY ?= auto
 # (65.5 against 26.4 tok/s); QUANTIZE= runs the float32 weights
 QUANTIZE ?= int4
 
-.PHONY: run test weights bench eval clean setup gpu-check
+.PHONY: run test weights bench eval clean setup gpu-check serve
 
 # Answer a prompt with the default model: make run PROMPT="..."
 run: setup weights
 	$(PY) cli.py --prompt "$(PROMPT)" --policy $(POLICY) $(if $(QUANTIZE),--quantize $(QUANTIZE))
+
+# OpenAI-compatible HTTP server and chat page on http://127.0.0.1:8000 (docs/server.md): make serve SERVE_ARGS="--port 9000"
+serve: setup weights
+	$(PY) cli.py --serve --policy $(POLICY) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(SERVE_ARGS)
 
 # The whole test suite (CPU; CUDA cases run only where a GPU is present)
 test: setup weights

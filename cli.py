@@ -239,7 +239,10 @@ def run(a) -> int:
         # A compressed cache only differs from the full one once it decodes: prefill half of each window, then
         # score the other half token by token while the cache evicts.
         split = None if a.policy == "full" else 0.5
-        ppl, n = perplexity(model, ids, a.ctx, lambda n: make_caches(model, tok, fastgen, n), split)
+        def window_caches(n):
+            check_interrupted()  # between windows
+            return make_caches(model, tok, fastgen, n)
+        ppl, n = perplexity(model, ids, a.ctx, window_caches, split)
         print(f"perplexity={ppl:.4f} tokens={n}")
         if a.stats_json:
             write_json_atomic(a.stats_json, {"perplexity": ppl, "tokens": n, "ctx": a.ctx, "policy": a.policy,
@@ -282,7 +285,7 @@ def run(a) -> int:
     code = 0
     try:
         for token_id in generate(model, ids, caches, a.max_new_tokens, sampling, tok.eos_ids, a.ignore_eos, stats,
-                                 on_tokens, on_layer=progress.callback(len(ids)), decode=decode):
+                                 on_tokens, on_layer=checked(progress.callback(len(ids))), decode=decode):
             sys.stdout.write(stream.push(token_id))
             sys.stdout.flush()
             check_interrupted()
@@ -329,6 +332,15 @@ def run(a) -> int:
     return code
 
 
+def checked(on_layer):
+    """A prefill's per-layer callback that also looks for a signal whose exception was swallowed."""
+    def each(i):
+        check_interrupted()
+        if on_layer:
+            on_layer(i)
+    return each
+
+
 def cache_report(caches, cfg, kv_dtype, fastgen: bool) -> dict:
     """What a finished generation's caches hold, read from their tensors' storage."""
     from tinygen.cache import full_kv_bytes, kept_fraction, kept_kv_bytes
@@ -351,4 +363,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    for _sig in (signal.SIGINT, signal.SIGTERM):  # the run is over, its status decided: a late signal changes nothing
+        signal.signal(_sig, signal.SIG_IGN)
+    sys.exit(status)

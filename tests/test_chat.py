@@ -229,8 +229,10 @@ def test_chat_goes_on_when_the_stats_file_cannot_be_written(chat_model, tmp_path
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     p.stdin.write(b"hi\n")
     p.stdin.flush()
-    while not p.stdout.readline().strip():  # the first answer is out: the file was written once
+    while not p.stdout.readline().strip():  # the first answer is out
         pass
+    while not stats.exists():  # and its record is written (just after the answer's newline)
+        time.sleep(0.01)
     stats.unlink()
     gone.rmdir()
     out, err = p.communicate(b"one more\nand another\n", timeout=120)

@@ -16,7 +16,7 @@ import sys
 import time
 
 from .batch import BatchRunner, BatchStats, projected_bytes
-from .cliutil import exit_code, held, write_json_atomic, write_text_atomic
+from .cliutil import check_interrupted, exit_code, held, write_json_atomic, write_text_atomic
 from .errors import TinygenError
 from .eval.prompts import prompt_of, read_records
 
@@ -138,8 +138,13 @@ def run_prompts_file(a, model, tok, fastgen, sampling, show_progress: bool) -> i
                  "stop_reason": seq.stop_reason, "kept_fraction": round(seq.kept_fraction, 6),
                  "kv_bytes": seq.kv_bytes})
         progress.done += 1
+        check_interrupted()  # a signal whose exception was swallowed stops the run here, the answer kept
 
-    runner = BatchRunner(model, tok, fastgen, sampling, a.max_new_tokens, a.batch, cap, a.ignore_eos, progress)
+    def on_step(stats, running, waiting):
+        progress(stats, running, waiting)
+        check_interrupted()  # between batch steps
+
+    runner = BatchRunner(model, tok, fastgen, sampling, a.max_new_tokens, a.batch, cap, a.ignore_eos, on_step)
     try:
         stats = runner.run(prompts, done)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: every finished answer is already on the disk

@@ -18,7 +18,7 @@ import sys
 from typing import Callable
 
 from .cache import full_kv_bytes, kept_fraction, kept_kv_bytes
-from .cliutil import exit_code, write_json_atomic
+from .cliutil import check_interrupted, exit_code, handled, write_json_atomic
 from .conversation import Conversation
 from .errors import TinygenError
 from .fastgen.cache import make_caches, policy_map
@@ -121,6 +121,7 @@ def run_chat(session: ChatSession, stats_json: str | None = None) -> int:
         stop["asked"] = True
 
     def write(text):
+        check_interrupted()  # a SIGTERM whose exception was swallowed
         sys.stdout.write(text)
         sys.stdout.flush()
 
@@ -135,6 +136,7 @@ def run_chat(session: ChatSession, stats_json: str | None = None) -> int:
         except KeyboardInterrupt as e:
             if exit_code(e) != 130:  # SIGTERM ends the session (run_main reports it)
                 raise
+            handled()
             print("\n(Ctrl-D or /exit ends the session)", file=sys.stderr)
             continue
         if line is None:

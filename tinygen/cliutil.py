@@ -44,14 +44,27 @@ def exit_code(e: KeyboardInterrupt) -> int:
     return getattr(e, "code", 128 + signal.SIGINT)
 
 
-_held = {"depth": 0, "pending": None}  # signal handlers are process-wide, and so is this
+_held = {"depth": 0, "pending": None, "received": None}  # signal handlers are process-wide, and so is this
 
 
 def _on_signal(signum, frame):
+    _held["received"] = _held["received"] or signum
     if _held["depth"]:
         _held["pending"] = _held["pending"] or signum
         return
     raise Interrupted(signum)
+
+
+def check_interrupted():
+    """Raise again a signal whose exception was swallowed: a handler's exception that lands inside hasattr() or a C
+    extension's import is cleared there, so the loops also look for it between steps (cheap: a dict lookup)."""
+    if _held["received"]:
+        raise Interrupted(_held["received"])
+
+
+def handled():
+    """The interruption was dealt with (the chat prompt takes Ctrl-C and goes on): stop raising it again."""
+    _held["received"] = None
 
 
 @contextmanager
@@ -59,11 +72,17 @@ def interruptible():
     """Inside the block SIGINT and SIGTERM both raise Interrupted (a KeyboardInterrupt), so one `except
     KeyboardInterrupt` handles either, wherever it lands: loading, prefill, decode, between batch steps."""
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    hook = sys.unraisablehook
+    # A signal that lands in a finalizer (a weakref callback, __del__) cannot raise there: Python would print it as
+    # "Exception ignored ... Traceback". It stays recorded instead, and check_interrupted() raises it at the next step.
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, Interrupted) else hook(u)
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = hook
+        _held.update(pending=None, received=None)
 
 
 @contextmanager
@@ -127,25 +146,27 @@ def run_main(run, args) -> int:
     stderr and exit 1; an interruption that run() did not handle itself, `interrupted` and exit 130 (143 for
     SIGTERM); anything else (a bug, running out of memory) one `error:` line too, with the traceback only under
     TINYGEN_DEBUG=1."""
-    with interruptible():
-        try:
+    try:
+        with interruptible():  # outside the try: a signal while the handlers are put back is caught below too
             return run(args)
-        except TinygenError as e:
-            message = f"error: {e}"
-        except KeyboardInterrupt as e:
-            with held():
-                print("\ninterrupted", file=sys.stderr)
-            return exit_code(e)
-        except OSError as e:
-            message = f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}"
-        except Exception as e:  # never a traceback for the user
-            if os.environ.get("TINYGEN_DEBUG"):
-                raise
-            what = "out of memory" if isinstance(e, MemoryError) or "out of memory" in str(e) else "internal error"
-            first = (str(e).strip().splitlines() or [""])[0][:300]
-            message = f"error: {what} ({type(e).__name__}: {first}); TINYGEN_DEBUG=1 shows the traceback"
-        print(message, file=sys.stderr)
-        return 1
+    except TinygenError as e:
+        message = f"error: {e}"
+    except KeyboardInterrupt as e:
+        print("\ninterrupted", file=sys.stderr)
+        return exit_code(e)
+    except OSError as e:
+        message = f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}"
+    except Exception as e:  # never a traceback for the user
+        if _held["received"]:  # a signal's exception swallowed inside a library, which then failed otherwise
+            print("\ninterrupted", file=sys.stderr)
+            return 128 + _held["received"]
+        if os.environ.get("TINYGEN_DEBUG"):
+            raise
+        what = "out of memory" if isinstance(e, MemoryError) or "out of memory" in str(e) else "internal error"
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        message = f"error: {what} ({type(e).__name__}: {first}); TINYGEN_DEBUG=1 shows the traceback"
+    print(message, file=sys.stderr)
+    return 1
 
 
 class PrefillProgress:

@@ -104,15 +104,18 @@ class KVPool:
         self.prot.view(-1)[at] = prot.flatten()
         self.score.view(-1)[at] = 0.0 if score is None else score.flatten().float()
 
-    def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of logical slots [0, n_slots) of each row, through the block tables (a copy, padded to n_slots):
-        rows (P,) -> (P, n_slots, head_dim) each. Slots past a row's blocks read the null block (zeros)."""
-        nb = -(-n_slots // self.block_size)
+    def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
+        """K and V of the blocks holding logical slots [0, n_slots) of each row, read through the block tables (a
+        copy, padded to whole blocks: R = n_slots rounded up to block_size), and the flat ids of those slots:
+        rows (P,) -> k, v (P, R, head_dim), slots (P, R). Table entries past a row's blocks read the null block."""
+        bs = self.block_size
+        nb = -(-n_slots // bs)
         blocks = self.tables[rows, :nb].long()  # (P, nb)
-        P = rows.shape[0]
-        k = self.k[blocks].view(P, nb * self.block_size, self.head_dim)[:, :n_slots]
-        v = self.v[blocks].view(P, nb * self.block_size, self.head_dim)[:, :n_slots]
-        return k, v
+        P, flat = rows.shape[0], blocks.flatten()
+        k = self.k.index_select(0, flat).view(P, nb * bs, self.head_dim)
+        v = self.v.index_select(0, flat).view(P, nb * bs, self.head_dim)
+        slots = (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).view(P, nb * bs)
+        return k, v, slots
 
     def set_bits(self, rows: torch.Tensor, positions: torch.Tensor, on: torch.Tensor | None = None) -> None:
         """Set (or, where `on` is False, clear) the bit of positions (P,) in rows (P,)."""

@@ -168,22 +168,22 @@ class PagedBatch:
                    protected.bool()[:, None])
 
         # 2. Attention over each row's slots [0, kept + 1), the rest masked; the scores.
-        keys, values = pool.gather(rows, R)  # (P, R, head_dim) each
+        keys, values, slots = pool.gather(rows, R)  # (P, R', head_dim) each, (P, R'): R rounded up to a block
+        R = slots.shape[1]
         dt = compute_dtype(keys)
-        beyond = torch.arange(R, device=q.device) >= n_rows[:, None]  # (P, R)
+        beyond = torch.arange(R, device=q.device) >= n_rows[:, None]  # (P, R')
         qs = q.reshape(P, groups, head_dim).to(dt)
-        scores = (qs * head_dim**-0.5) @ keys.to(dt).transpose(1, 2)  # (P, groups, R)
+        scores = (qs * head_dim**-0.5) @ keys.to(dt).transpose(1, 2)  # (P, groups, R')
         scores.masked_fill_(beyond[:, None], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1)
         out = (probs.to(dt) @ values.to(dt)).to(q.dtype)  # (P, groups, head_dim)
-        slots = pool.slots(rows, torch.arange(R, device=q.device).expand(P, R))  # (P, R) flat slot ids
         # padded slots get 0 (their probability): the null block's, or a row's own unused slots
         pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
 
         # 3. Keep the new token (its bit) or, where the budget says so, evict one token per row.
         pool.bitmap[rows, new_pos // 8] |= ((1 << new_pos % 8) * keep).to(torch.uint8)
         if evicting:
-            pos = pool.pos.view(-1)[slots]  # (P, R)
+            pos = pool.pos.view(-1)[slots]  # (P, R')
             must = pool.prot.view(-1)[slots] | (pos >= win_start[:, None]) | beyond
             mean = pool.score.view(-1)[slots] / (length[:, None] - pos)  # mean attention since arrival
             key = torch.where(frequent.bool()[:, None], mean, pos.float())

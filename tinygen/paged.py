@@ -20,6 +20,7 @@ import torch
 
 from .attention import causal_attention, compute_dtype
 from .fastgen.policy import FREQUENT, FULL, LOCAL, window
+from .fastgen.store import host_to_device
 from .kvpool import KVPool
 
 
@@ -105,7 +106,7 @@ class PagedBatch:
         self.members = members
         H = self.n_kv_heads
         base = [self.row(slot, 0, h) for slot, _ in members for h in range(H)]
-        self.base = torch.tensor(base, device=self.pool.k.device)
+        self.base = host_to_device(torch.tensor(base), self.pool.k.device)
 
     def layers(self) -> list["PagedLayer"]:
         return [PagedLayer(self, i) for i in range(self.n_layers)]
@@ -148,8 +149,7 @@ class PagedBatch:
                 s.kept = target
                 if keep:
                     s.hole = bool(evict)
-        t = torch.tensor(table, dtype=torch.long)
-        return t.to(self.pool.k.device), most, evicting
+        return host_to_device(torch.tensor(table, dtype=torch.long), self.pool.k.device), most, evicting
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One decode step of layer `layer` for every member: q (B, n_heads, 1, head_dim), k/v (B, n_kv_heads, 1,

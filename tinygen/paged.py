@@ -125,10 +125,11 @@ class PagedBatch:
 
     def _table(self, layer: int) -> tuple[torch.Tensor, int, bool]:
         """Host decisions of this step for each row of `layer`, in (sequence, KV head) order, and each group's host
-        state moved on: (P, 9) table, the most rows any row attends over, whether any row evicts."""
+        state moved on: (P, 9) table, the most rows any row attends over, whether any row evicts, whether any row
+        ranks by score."""
         H = self.n_kv_heads
         table = [None] * (len(self.members) * H)
-        most, evicting = 0, False
+        most, evicting, scored = 0, False, False
         for b, (_, caches) in enumerate(self.members):
             c = caches[layer]
             c.length += 1
@@ -145,11 +146,11 @@ class PagedBatch:
                          bool(s.policy & FREQUENT))
                 for h in s.kv_heads:
                     table[b * H + h] = entry
-                most, evicting = max(most, rows), evicting or bool(evict)
+                most, evicting, scored = max(most, rows), evicting or bool(evict), scored or bool(s.policy & FREQUENT)
                 s.kept = target
                 if keep:
                     s.hole = bool(evict)
-        return host_to_device(torch.tensor(table, dtype=torch.long), self.pool.k.device), most, evicting
+        return host_to_device(torch.tensor(table, dtype=torch.long), self.pool.k.device), most, evicting, scored
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One decode step of layer `layer` for every member: q (B, n_heads, 1, head_dim), k/v (B, n_kv_heads, 1,
@@ -159,7 +160,7 @@ class PagedBatch:
         assert T == 1 and B == len(self.members), "the paged batch takes one decode step of its members"
         P, groups = B * self.n_kv_heads, n_heads // self.n_kv_heads
         rows = self.base + layer * self.n_kv_heads  # (P,)
-        table, R, evicting = self._table(layer)
+        table, R, evicting, scored = self._table(layer)
         n_rows, new_pos, protected, hole, keep, evicts, win_start, length, frequent = table.unbind(1)
 
         # 1. The new token into each row's slot `kept`, or the slot its last eviction freed.
@@ -177,8 +178,8 @@ class PagedBatch:
         scores.masked_fill_(beyond[:, None], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1)
         out = (probs.to(dt) @ values.to(dt)).to(q.dtype)  # (P, groups, head_dim)
-        # padded slots get 0 (their probability): the null block's, or a row's own unused slots
-        pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
+        if scored:  # padded slots get 0 (their probability): the null block's, or a row's own unused slots
+            pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
 
         # 3. Keep the new token (its bit) or, where the budget says so, evict one token per row.
         pool.bitmap[rows, new_pos // 8] |= ((1 << new_pos % 8) * keep).to(torch.uint8)

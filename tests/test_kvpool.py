@@ -161,3 +161,14 @@ def test_pool_full_leaves_rows_consistent():
     pool.reserve([2], 12)
     pool.check()
     assert pool.tables[2, :3].tolist() == pool.blocks[2] and 0 not in pool.blocks[2]  # the null block is nobody's
+
+
+def test_a_sequences_caches_own_no_bytes_once_in_the_pool():
+    """What a server's metrics sum (each running sequence's caches' nbytes, plus the pool's): the rows are the
+    pool's alone, for a full sequence and for FastGen stores once adopted."""
+    g = torch.Generator().manual_seed(0)
+    pool = KVPool(64, BLOCK, HD, 2 * N_KV, MAX_LEN, torch.device("cpu"), torch.float32)
+    paged = PagedBatch(pool, 1, N_HEADS, N_KV)
+    full = Sequence(20, None, g, "cpu", paged, 0)
+    auto = Sequence(20, FastGenConfig(kv_budget=0.5, observation=8), g, "cpu", paged, 1)
+    assert full.pooled.nbytes() == 0 and auto.pooled.nbytes() == 0 and pool.used_blocks() > 0

@@ -54,6 +54,10 @@ class FullRows:
     def kept_tokens(self) -> int:
         return self.kept * self.n_kv_heads
 
+    def nbytes(self) -> int:
+        """Bytes of tensors of its own: none (its rows are the pool's, counted there)."""
+        return 0
+
     def head_names(self) -> list[str]:
         return ["full"] * self.n_kv_heads
 

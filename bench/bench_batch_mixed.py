@@ -1,16 +1,16 @@
-"""Batches of prompts of mixed lengths on the CPU: what FastGen's pools cost in memory (padding) and buy in time.
+"""Batches of prompts of mixed lengths on the CPU: the paged pool's peak KV, full against FastGen, and decode speed.
 
     python bench/bench_batch_mixed.py                    # -> bench/results/batch_cpu_mixed.md
 
 Method (also written beside the results):
 - Prompts: the first --prompts MT-Bench first turns (../shared/eval/mt_bench.jsonl) through the chat template, so
   their lengths differ; --new forced new tokens each (EOS ignored), greedy, float32, batch --batch, no cap.
-- Methods: the full cache; `auto` (budget 0.7) with its decode steps on pools (tinygen/fastgen/pool.py: each layer's
-  stores of every running sequence in one pool, pairs padded to the longest); the same `auto` with each sequence's
-  stores stepping alone (`BatchRunner(pool=False)`), which pads nothing.
-- Decode tok/s counts every sequence's tokens out of decode steps over the decode time; peak KV is the storage of
-  the caches' tensors (pools included), sampled every 8 steps and at each admission. Median over --repeats after
-  one warm-up round; the methods alternate within each round.
+- Methods: the full cache and `auto` (budget 0.7), every row of every running sequence in the paged pool
+  (tinygen/kvpool.py, tinygen/paged.py: one attention call per layer for the batch).
+- Decode tok/s counts every sequence's tokens out of decode steps over the decode time; peak KV is the most the
+  pool's blocks in use held (K, V, positions, flags and scores of whole 16-token blocks), and kept the K+V of the
+  tokens the rows keep, both measured after every prefill and step. Median over --repeats after one warm-up round;
+  the methods alternate within each round.
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ from tinygen.loader import load_model  # noqa: E402
 from tinygen.sampling import SamplingParams  # noqa: E402
 from tinygen.tokenizer import Tokenizer  # noqa: E402
 
-METHODS = {"full": (FastGenConfig(policy="full"), True), "auto budget=0.7, pools": (FastGenConfig(), True),
-           "auto budget=0.7, per-sequence stores": (FastGenConfig(), False)}
+METHODS = {"full": FastGenConfig(policy="full"), "auto budget=0.7": FastGenConfig()}
 
 
 def main():
@@ -55,24 +54,26 @@ def main():
 
     rates, peaks = {name: [] for name in METHODS}, {}
     for i in range(a.repeats + 1):
-        for name, (cfg, pool) in METHODS.items():
-            runner = BatchRunner(model, tok, cfg, SamplingParams(), a.new, a.batch, ignore_eos=True, pool=pool)
+        for name, cfg in METHODS.items():
+            runner = BatchRunner(model, tok, cfg, SamplingParams(), a.new, a.batch, ignore_eos=True)
             stats = runner.run(list(enumerate(prompts)), lambda seq: None)
             if i:  # the first round is warm-up
                 rates[name].append(stats.decode_tokens_per_second)
-            peaks[name] = stats.peak_kv_bytes
-    full_rate, full_peak = statistics.median(rates["full"]), peaks["full"]
-    lines = ["# Batches of mixed-length prompts on the CPU: pools against per-sequence stores", "",
+            peaks[name] = stats.peak_kv_bytes, stats.peak_kv_bytes_kept
+    full_rate, (full_peak, _) = statistics.median(rates["full"]), peaks["full"]
+    lines = ["# Batches of mixed-length prompts on the CPU: the paged pool, full against auto", "",
              *[f"- {x}" for x in machine_lines()],
              f"- settings: {len(prompts)} MT-Bench first turns ({lengths[0]}-{lengths[-1]} prompt tokens), batch "
              f"{a.batch}, {a.new} new tokens each, float32, greedy, EOS ignored, {a.threads} threads; median of "
              f"{a.repeats} after one warm-up", "",
-             "| method | decode tok/s | x full | peak KV MiB | x full's bytes |", "| --- | ---: | ---: | ---: | ---: |"]
+             "| method | decode tok/s | x full | peak KV MiB (blocks used) | x full's | peak kept MiB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name in METHODS:
-        rate = statistics.median(rates[name])
-        lines.append(f"| {name} | {rate:.1f} | {rate / full_rate:.2f} | {peaks[name] / 2**20:.2f} | "
-                     f"{peaks[name] / full_peak:.2f} |")
-        print(f"{name}: {rate:.1f} tok/s, peak KV {peaks[name] / 2**20:.2f} MiB", flush=True)
+        rate, (peak, kept) = statistics.median(rates[name]), peaks[name]
+        lines.append(f"| {name} | {rate:.1f} | {rate / full_rate:.2f} | {peak / 2**20:.2f} | {peak / full_peak:.2f} | "
+                     f"{kept / 2**20:.2f} |")
+        print(f"{name}: {rate:.1f} tok/s, peak KV {peak / 2**20:.2f} MiB (x full {peak / full_peak:.2f}), kept "
+              f"{kept / 2**20:.2f} MiB", flush=True)
     write_report(Path(a.out) / "batch_cpu_mixed.md", lines, __doc__)
 
 

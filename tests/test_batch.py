@@ -97,7 +97,7 @@ def test_each_sequence_of_a_batch_gives_its_batch1_text(engine, batch_engine, cf
     assert stats.max_running == 6
     same = [a.out == b.out for a, b in zip(one, six)]
     assert sum(same) >= 5, same
-    if cfg.policy == "auto":  # the pools step as each sequence's stores step alone in the same batch
+    if cfg.policy == "auto":  # one paged step for the batch as each sequence stepping alone through the pool
         unpooled, _ = answers(batch_engine, cfg, batch=6, pool=False)
         assert [s.out for s in unpooled] == [s.out for s in six]
         assert [s.policies for s in unpooled] == [s.policies for s in six]
@@ -133,11 +133,7 @@ def test_projection_bounds_what_a_sequence_holds(engine, cfg):
     seqs, stats = answers(engine, cfg, batch=3, max_new_tokens=24, ignore_eos=True)  # each reaches its worst case
     for s in seqs:
         assert s.kv_bytes <= s.projected <= 1.5 * s.kv_bytes, (s.kv_bytes, s.projected)  # short: +1 row, a block
-    if cfg.policy == "full":
-        assert stats.peak_kv_bytes <= sum(sorted(s.projected_prefill for s in seqs)[-3:])
-    else:  # pools: padded to the largest, and a rebuild holds a layer twice (the peak counts it)
-        largest, layer = max(s.projected for s in seqs), max(s.projected_layer for s in seqs)
-        assert stats.peak_kv_bytes <= max(3 * (largest + layer), 2 * largest + max(s.projected_prefill for s in seqs))
+    assert stats.peak_kv_bytes <= sum(s.projected for s in seqs)  # the pool's blocks: nothing padded
 
 
 def cli(*args, timeout=300):
@@ -225,96 +221,90 @@ TINY_PROMPTS = [list(range(100 + i, 108 + 5 * i)) for i in range(6)]  # 8 to 33 
 STAGGERED = [list(range(100 + i, 120 + 2 * i)) for i in range(6)]
 
 
-def true_peak(engine, cfg, batch, monkeypatch, cap=None, max_new_tokens=24, prompts=TINY_PROMPTS):
-    """Runs a batch while counting, independently of the runner, the bytes every live cache tensor holds (every
-    store's own rows, every pool still alive, a prefill's pending K/V; shared storage once) after each prefill, after
-    each decode step, and inside each pool rebuild at its fullest moment (the new pools built, the old not yet let
-    go: just before the first `adopt`, or a lone sequence's rows copied out). Returns (stats, the largest count,
-    how many rebuild moments were counted)."""
-    import weakref
-
-    from tinygen.fastgen import cache as fg_cache, pool as fg_pool, store as fg_store
-
-    model, tok = engine
-    live = {name: weakref.WeakSet() for name in ("pool", "store", "cache")}
-    for name, cls in (("pool", fg_pool.StorePool), ("store", fg_store.PolicyStore), ("cache", fg_cache.FastGenCache)):
-        def init(self, *args, _init=cls.__init__, _set=live[name], **kw):
-            _init(self, *args, **kw)
-            _set.add(self)
-        monkeypatch.setattr(cls, "__init__", init)
-
-    def held():
-        tensors = [t for p in live["pool"] for t in p.tensors()] + [t for s in live["store"] for t in s.tensors()]
-        tensors += [t for c in live["cache"] for t in (c.pending or ())]
-        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-
-    peak, rebuilds = [0], [0]
-
-    def counted(fn, rebuild=False):
+def figures_at_every_step(runner, check):
+    """Wraps the runner's prefill and decode step so that `check(runner, seqs)` runs after each, seqs the sequences
+    holding rows (the running ones, and one just prefilled, before it joins them)."""
+    def counted(fn, joining):
         def wrapped(*args, **kw):
             out = fn(*args, **kw)
-            peak[0], rebuilds[0] = max(peak[0], held()), rebuilds[0] + rebuild
+            check(runner, runner.running + [args[0]] * joining)
             return out
         return wrapped
-
-    adopt = fg_pool.StorePool.adopt
-
-    def first_adopt(self):  # the first adopt of a rebuild: no member has moved in yet
-        if all(s.pool is not self for s in self.stores):
-            peak[0], rebuilds[0] = max(peak[0], held()), rebuilds[0] + 1
-        adopt(self)
-    monkeypatch.setattr(fg_pool.StorePool, "adopt", first_adopt)
-    monkeypatch.setattr(fg_pool.FastGenBatch, "release", counted(fg_pool.FastGenBatch.release, rebuild=True))
-    runner = BatchRunner(model, tok, cfg, SamplingParams(), max_new_tokens, batch, cap, ignore_eos=True)
-    runner._step, runner._start = counted(runner._step), counted(runner._start)
-    stats = runner.run(list(enumerate(prompts)), lambda seq: None)
-    return stats, peak[0], rebuilds[0]
+    runner._step, runner._start = counted(runner._step, False), counted(runner._start, True)
 
 
-def test_peak_is_every_steps_bytes_with_the_rebuilds(tiny_engine, monkeypatch):
-    """peak_kv_bytes equals the most the caches held at any moment, counted independently: after every step, and
-    inside the pool rebuilds as sequences join and leave (there a layer's old and new rows are held at once; here
-    the largest moment is the rebuild as the first of 3 full sequences leaves). Before, it was measured after each
-    prefill, at one decode step in 8 and never inside a rebuild."""
-    stats, peak, rebuilds = true_peak(tiny_engine, FastGenConfig(kv_budget=0.5), 3, monkeypatch, max_new_tokens=44,
-                                      prompts=STAGGERED)
-    assert rebuilds > 0 and stats.max_running == 3
-    assert stats.peak_kv_bytes == peak
-    # one sequence, no pools: its caches grow at a step that one step in 8 missed (by 5%, measured)
-    stats, peak, _ = true_peak(tiny_engine, FastGenConfig(kv_budget=0.5), 1, monkeypatch, max_new_tokens=16,
-                               prompts=STAGGERED[:1])
-    assert stats.peak_kv_bytes == peak
+@pytest.mark.parametrize("cfg", [FastGenConfig("full"), FastGenConfig(kv_budget=0.5)], ids=["full", "auto"])
+def test_byte_figures_are_the_pools_storage_at_every_step(tiny_engine, cfg):
+    """After every prefill and step, counted apart from the runner: the pool's bytes are its tensors' storage
+    (allocated once); the blocks in use are those the running rows hold, and every block is one row's or free; the
+    kept bytes are the bits set in the running rows' bitmaps. The peaks are the largest of these."""
+    from tinygen.cache import storage_bytes
 
-
-def test_cap_bounds_the_rebuilds(tiny_engine, monkeypatch):
-    """A cap that admits 3 of 6 prompts by their padded projections alone (what admission counted before), every
-    head keeping every token (so the caches come within 3% of their projections). A rebuild holds a layer twice:
-    under the old rule the caches held 18% more than the cap (measured). Admission counts that now: nothing passes
-    the cap."""
     model, tok = tiny_engine
-    cfg = FastGenConfig(kv_budget=1.0)
-    seqs = [BatchRunner(model, tok, cfg, SamplingParams(), 44, 6).sequence(i, p) for i, p in enumerate(STAGGERED)]
-    cap = 2 * max(s.projected for s in seqs) + max(s.projected_prefill for s in seqs)  # 3 by the old rule
-    stats, peak, _ = true_peak(tiny_engine, cfg, 6, monkeypatch, cap=cap, max_new_tokens=44, prompts=STAGGERED)
-    assert peak <= cap and stats.peak_kv_bytes == peak and stats.max_running == 2
+    runner = BatchRunner(model, tok, cfg, SamplingParams(), 44, 3, ignore_eos=True)
+    pool, seen = runner.pool, {"used": 0, "kept": 0, "steps": 0}
+    row = 2 * model.cfg.head_dim * model.embed.weight.dtype.itemsize
+    per_block = storage_bytes(pool.k, pool.v, pool.pos, pool.prot, pool.score) // (pool.n_blocks + 1)
+
+    def check(r, seqs):
+        pool.check()
+        assert r.stats.kv_bytes == storage_bytes(pool.k, pool.v, pool.pos, pool.prot, pool.score, pool.tables,
+                                                 pool.bitmap, pool.freed)
+        rows = [x for s in seqs for x in r.paged.slot_rows(s.slot)]
+        held = sum(len(pool.blocks[x]) for x in rows)
+        assert held == pool.used_blocks()
+        bits = int(pool.resident_mask(torch.tensor(rows, dtype=torch.long), model.cfg.max_seq_len).sum()) if rows else 0
+        assert bits == sum(c.kept_tokens() for s in seqs for c in s.caches)
+        seen["used"], seen["kept"] = max(seen["used"], held * per_block), max(seen["kept"], bits * row)
+        seen["steps"] += 1
+    figures_at_every_step(runner, check)
+    stats = runner.run(list(enumerate(STAGGERED)), lambda seq: None)
+    assert seen["steps"] > 40 and stats.max_running == 3
+    assert stats.peak_kv_bytes == stats.kv_bytes_used == seen["used"] and stats.kv_bytes_kept == seen["kept"]
+    assert stats.kv_bytes_kept <= stats.kv_bytes_used <= stats.kv_bytes
+    if cfg.policy == "full":
+        assert stats.kv_bytes_kept == stats.kv_bytes_full
+    else:
+        assert stats.kv_bytes_kept < 0.6 * stats.kv_bytes_full
+    assert pool.used_blocks() == 0 and stats.preemptions == 0
 
 
-def test_admission_counts_the_pool_padding(tiny_engine):
-    """A short prompt runs; a long one may join only if both, padded to the long one's projection, fit: under a cap
-    that their summed projections fit but the padded ones do not, it waits (and joins under the padded need)."""
+@pytest.mark.parametrize("cfg", [FastGenConfig("full"), FastGenConfig(kv_budget=0.5),
+                                 FastGenConfig(profile="paper", threshold=0.9)], ids=["full", "auto", "paper"])
+def test_preemption_gives_the_uninterrupted_answers(tiny_engine, cfg):
+    """A pool of 2.5 sequences' projected blocks: sequences join while their own projection fits the free list, run
+    it dry as they grow, and the newest is preempted (its blocks freed, recomputed later from its prompt and the
+    tokens it had). Every answer equals an uninterrupted run's (greedy), nothing is lost, no block is shared, and the
+    pool never holds more than it has."""
+    model, tok = tiny_engine
+    prompts = list(enumerate(STAGGERED))
+    want = {}
+    BatchRunner(model, tok, cfg, SamplingParams(), 44, 6, ignore_eos=True).run(
+        prompts, lambda s: want.__setitem__(s.index, list(s.out)))
+    one = BatchRunner(model, tok, cfg, SamplingParams(), 44, 6).sequence(0, STAGGERED[-1])
+    cap = int(2.5 * one.projected)
+    runner = BatchRunner(model, tok, cfg, SamplingParams(), 44, 6, cap, ignore_eos=True)
+    figures_at_every_step(runner, lambda r, seqs: r.pool.check())
+    got = {}
+    stats = runner.run(prompts, lambda s: got.__setitem__(s.index, list(s.out)))
+    assert stats.preemptions > 0 and stats.max_running >= 3
+    assert got == want
+    assert stats.peak_kv_bytes <= runner.pool.n_blocks * runner.pool.block_bytes() <= cap
+    assert runner.pool.used_blocks() == 0
+
+
+def test_admission_waits_for_the_projected_blocks(tiny_engine):
+    """A long prompt joins a running short one only once its projected blocks (at its final length) are free."""
     model, tok = tiny_engine
     cfg = FastGenConfig(kv_budget=0.5)
     runner = BatchRunner(model, tok, cfg, SamplingParams(), 24, 2)
     short, long = runner.sequence(0, TINY_PROMPTS[0]), runner.sequence(1, TINY_PROMPTS[-1])
-    padded = 2 * (long.projected + long.projected_layer)
-    summed = short.projected + short.projected_layer + long.projected + long.projected_layer
-    assert summed < padded - 1 and short.projected + long.projected_prefill <= padded - 1
 
     def running(cap):
         r = BatchRunner(model, tok, cfg, SamplingParams(), 24, 2, cap, ignore_eos=True)
         return r.run([(0, short.prompt), (1, long.prompt)], lambda seq: None).max_running
-    assert running(padded - 1) == 1
-    assert running(padded) == 2
+    assert running(long.projected + short.projected) == 2
+    assert running(long.projected + 1) == 1  # the short one holds blocks: the long one waits for them
 
 
 @pytest.mark.parametrize("policy", ["full", "auto"])

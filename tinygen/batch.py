@@ -1,53 +1,55 @@
-"""Many prompts at once: continuous batching, so that the memory a compressed cache saves becomes throughput.
+"""Many prompts at once: continuous batching over one paged KV pool, so that the memory a compressed cache saves
+becomes throughput.
 
-Every running sequence owns one cache per layer, exactly as a batch-1 run would: its own FastGen profile, so every
-(sequence, KV head) pair has its own policy. A decode step runs the current token of every running sequence through
-one forward (`Llama.forward` with tokens (B, 1), each sequence at its own position): the weights are read once for
-all B tokens, and each sequence's caches attend over what they keep: full caches one by one, FastGen stores in
-pools, one per layer for every running sequence (fastgen/pool.py), rebuilt as sequences join and leave. A new
-prompt is prefilled on its own and joins the batch when its projected KV bytes fit under the cap; a sequence that
-finishes (EOS, its token limit, the context) leaves at once and its caches are freed, which makes room for the next
-prompt.
+Every running sequence has its own rows in the pool (tinygen/kvpool.py): one per (layer, KV head), each with its own
+block table, whatever its policy (full, or the one FastGen's profile gave that head). A decode step runs the current
+token of every running sequence through one forward (`Llama.forward` with tokens (B, 1), each sequence at its own
+position): the weights are read once for all B tokens, and each layer attends every row of every sequence in one
+call (tinygen/paged.py). A sequence joining or leaving copies nothing: its rows take blocks from the free list and
+give them back.
 
-The cap compares like with like: a projection is an upper bound on what a sequence's caches can hold at any time,
-for the full cache and for FastGen alike (the full cache: its final length, the most its caches are sized for;
-FastGen: what its budget keeps of the final length plus the row a step writes before it evicts, and a store's
-positions, flags, scores and bitmaps). With the budget profile a head keeps its menu share of the length
-(`kept_share`); the paper's profile and fixed policies that protect special/punctuation tokens project a full cache.
-A pool pads its pairs to the longest, so there every running sequence counts as the largest projection, and a
-rebuild of a layer's pools holds that layer's old and new rows at once, so each also counts the most one layer of the
-largest holds (`fits`).
+A new prompt is prefilled on its own (a full cache's prompt K/V go straight into its rows; FastGen profiles in its
+own stores, whose kept rows are then written once into the pool) and joins when its projected blocks (at its final
+length, `projected_bytes`) fit in the free list. Memory is the pool: `kv_cap_bytes` (--kv-budget-mb) sizes it
+once; without a cap it holds `batch` full caches of the model's context. When a running sequence needs a block and
+none is free, the most recently admitted sequence is preempted (vLLM's recompute preemption): its blocks are freed
+and it waits at the front of the queue, to be prefilled again from its prompt, its generated tokens fed again one
+decode step at a time (so a FastGen sequence gets the same profile and the same evictions), and go on.
 
-The peak reported (`peak_kv_bytes`) is measured after every prefill and every step, and at each rebuild's moment of
-old and new rows together, from the sizes of the caches' tensors (host-known: nothing is read from the device).
+Figures (BatchStats), from the pool's host bookkeeping (nothing read from the device): kv_bytes, what the pool
+allocated; peak_kv_bytes, the most its blocks in use held (kv_bytes_used); peak_kv_bytes_kept, K+V of the tokens
+kept; peak_kv_bytes_full, what full caches of the running sequences' lengths would hold; preemptions.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .cache import full_kv_bytes, kept_fraction
-from .fastgen.cache import make_caches
-from .fastgen.pool import FastGenBatch
 from .errors import TinygenError
+from .fastgen.cache import make_caches
 from .fastgen.policy import FREQUENT, LOCAL, FastGenConfig, protected_kinds
 from .generate import prefill
+from .kvpool import KVPool, PoolFull
+from .paged import FullRows, PagedBatch, adopt_stores
 from .sampling import SamplingParams, sample
+
+BLOCK_SIZE = 16  # tokens of one KV head per block
 
 
 @dataclass
 class Sequence:
     index: int
     prompt: list[int]
-    projected: int  # KV bytes its caches may hold at most from its first decode step on
-    projected_prefill: int  # ... and while it prefills
-    projected_layer: int = 0  # ... and in one layer, the most (a pool rebuild holds a layer twice)
-    caches: list = field(default_factory=list)
+    projected: int  # bytes of the blocks its rows may hold at most (at its final length)
+    projected_prefill: int  # ... and while it prefills (the same: a prefill's own stores live outside the pool)
+    projected_layer: int = 0  # unused: pools padded to the longest pair needed it
+    caches: list = field(default_factory=list)  # per layer: FullRows or FastGenCache (host state; rows in the pool)
     on_tokens: Callable | None = None
     generator: torch.Generator | None = None
     max_new_tokens: int = 0  # this sequence's own limit (a server's request may ask for its own)
@@ -55,9 +57,11 @@ class Sequence:
     out: list[int] = field(default_factory=list)
     token: int = -1  # the last sampled token, not yet fed to the model
     stop_reason: str = ""  # set when it finishes: eos, length, context, or the reason given to cancel()
-    kept_fraction: float = 1.0  # at the end, as are the bytes its caches held then and each head's policy
+    kept_fraction: float = 1.0  # at the end, as are the bytes its rows held then and each head's policy
     kv_bytes: int = 0
     policies: list | None = None
+    slot: int = -1  # its batch slot while it runs (which rows of the pool are its)
+    preemptions: int = 0
 
     @property
     def pos(self) -> int:
@@ -73,61 +77,48 @@ class BatchStats:
     decode_tokens: int = 0  # tokens out of decode steps (the first token of each answer comes out of its prefill)
     decode_seconds: float = 0.0
     prefill_seconds: float = 0.0
-    peak_kv_bytes: int = 0  # the caches' storage, all running sequences together, a pool rebuild's old and new rows too
-    peak_kv_bytes_full: int = 0  # what full caches of the running sequences' lengths would hold at that moment
+    kv_bytes: int = 0  # what the pool allocated (blocks, tables, bitmaps)
+    peak_kv_bytes: int = 0  # the most the pool's blocks in use held (kv_bytes_used)
+    peak_kv_bytes_kept: int = 0  # the most K+V of the tokens kept took
+    peak_kv_bytes_full: int = 0  # the most full caches of the running sequences' lengths would hold
+    preemptions: int = 0
     max_running: int = 0
     seconds: float = 0.0
+
+    @property
+    def kv_bytes_used(self) -> int:
+        return self.peak_kv_bytes
+
+    @property
+    def kv_bytes_kept(self) -> int:
+        return self.peak_kv_bytes_kept
+
+    @property
+    def kv_bytes_full(self) -> int:
+        return self.peak_kv_bytes_full
 
     @property
     def decode_tokens_per_second(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
+def block_bytes(model, block_size: int = BLOCK_SIZE) -> int:
+    """Bytes of one pool block: K and V of block_size tokens of one KV head, their positions (int32), protected
+    flags and scores (float32)."""
+    return block_size * (2 * model.cfg.head_dim * model.embed.weight.dtype.itemsize + 4 + 1 + 4)
+
+
 def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
-    """Upper bounds on one sequence's KV bytes: (from its first decode step on, during its prefill).
-
-    They differ with the budget profile only: a layer holds the prompt's full K/V while it prefills, and below a
-    head floor of 1 every layer holds it until the last layer's prefill ends (the model-wide planner). Only one
-    sequence prefills at a time, so admission adds the second figure of the new sequence to the first figures of
-    the running ones."""
-    c, itemsize = model.cfg, model.embed.weight.dtype.itemsize
-    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
-    kv_row = 2 * c.head_dim * itemsize  # K and V of one token of one KV head
-    if cfg.policy == "full":
-        steady = c.n_layers * c.n_kv_heads * final * kv_row
-        return steady, steady
-    steady = c.n_layers * layer_bytes(c, kv_row, kept_share(cfg), final)
-    if cfg.model_wide:
-        prefill_peak = c.n_layers * c.n_kv_heads * prompt_tokens * kv_row
-    elif cfg.budgeted:  # the layers before hold at most their steady bytes, the prefilling one its prompt K/V
-        prefill_peak = steady + c.n_kv_heads * prompt_tokens * kv_row
-    else:
-        prefill_peak = 0
-    return steady, max(steady, prefill_peak)
-
-
-def layer_bytes(c, kv_row: int, share: float, final: int) -> int:
-    """The most one layer's FastGen stores hold when its heads keep `share` of a sequence's final length."""
-    kept = min(final, math.ceil(share * final) + 1)  # +1: local+frequent rounds two shares up
-    rows = min(final, kept + 1)  # a store never holds more than its budget at max_len and the next token's row
-    # per row: K, V, its position (int32), protected flag and score (float32); per head the bitmap and its freed row
-    return c.n_kv_heads * (rows * (kv_row + 4 + 1 + 4) + (final + 7) // 8 + 8)
-
-
-def projected_layer_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> int:
-    """An upper bound on what one layer of a sequence's FastGen caches holds from its first decode step on: layers
-    with their own budgets at the largest one's menu share; the model-wide planner (head floor below 1) may give one
-    layer everything."""
+    """Upper bounds on the bytes of the blocks one sequence's rows hold: (from its first decode step on, during its
+    prefill), the same figure: every row holds at most its kept share of the final length plus the new token's
+    slot, in whole blocks. A FastGen prefill's own stores (one sequence at a time) live outside the pool."""
     c = model.cfg
-    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)
-    share = kept_share(cfg)
-    if cfg.budgeted and cfg.layer_budgets is not None:
-        share = kept_share(replace(cfg, layer_budgets=(max(cfg.layer_budgets),)))
-    elif cfg.model_wide:
-        share = 1.0
-    return layer_bytes(c, 2 * c.head_dim * model.embed.weight.dtype.itemsize, share, final)
-
-
+    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
+    share = 1.0 if cfg.policy == "full" else kept_share(cfg)
+    slots = min(final + 1, math.ceil(share * final) + 2)  # +1: local+frequent rounds two shares up; +1 the new slot
+    blocks = c.n_layers * c.n_kv_heads * math.ceil(slots / BLOCK_SIZE)
+    steady = blocks * block_bytes(model)
+    return steady, steady
 def kept_share(cfg: FastGenConfig) -> float:
     """The most a sequence keeps, as a share of its length, known before profiling. The budget profile's heads take
     menu shares (steps of 0.05): at the default floor of 1 each takes the smallest one >= --kv-budget; below it
@@ -150,44 +141,52 @@ class BatchRunner:
     """Continuous batching. `run(prompts, on_done)` answers a list of prompts, calling on_done(sequence) as each
     finishes, in finishing order, and returns BatchStats. A loop that takes requests as they come (a server) drives
     the same machinery itself: `submit` queues a prompt, `step` admits what fits and decodes one token for every
-    running sequence, `cancel` takes a sequence out (its caches are freed at the next step)."""
+    running sequence, `cancel` takes a sequence out (its blocks are freed at the next step).
+
+    pool=False steps each running sequence as a batch of one through the same pool (a reference to compare with)."""
 
     def __init__(self, model, tok, cfg: FastGenConfig, sampling: SamplingParams, max_new_tokens: int, batch: int,
-                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, pool: bool = True):
+                 kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, pool: bool = True,
+                 block_size: int = BLOCK_SIZE):
         self.model, self.tok, self.cfg, self.sampling = model, tok, cfg, sampling
         self.max_new_tokens, self.batch, self.cap, self.ignore_eos = max_new_tokens, batch, kv_cap_bytes, ignore_eos
-        self.on_progress = on_progress
+        self.on_progress, self.together = on_progress, pool
         assert batch >= 1, "a batch holds at least one sequence"
         self.device = model.embed.weight.device
-        # FastGen's decode steps run on pools: per layer, the stores of every running sequence (fastgen/pool.py).
-        # pool=False lets each sequence's stores step alone (to compare; admission then sums the projections).
         c = model.cfg
-        self.pools = None if cfg.policy == "full" or not pool else [FastGenBatch(c.n_heads, c.n_kv_heads)
-                                                                    for _ in range(c.n_layers)]
-        self.waiting: deque[Sequence] = deque()  # in arrival order
-        self.running: list[Sequence] = []
-        self.stats = BatchStats(batch=batch)
+        per_block = block_bytes(model, block_size)
+        rows_per_seq = c.n_layers * c.n_kv_heads
+        # the pool, allocated once: the cap's worth of blocks, or `batch` full caches of the model's context
+        n_blocks = (kv_cap_bytes // per_block if kv_cap_bytes is not None else
+                    batch * rows_per_seq * math.ceil((c.max_seq_len + 1) / block_size))
+        self.pool = KVPool(max(1, n_blocks), block_size, c.head_dim, batch * rows_per_seq, c.max_seq_len, self.device,
+                           model.embed.weight.dtype)
+        self.paged = PagedBatch(self.pool, c.n_layers, c.n_heads, c.n_kv_heads)
+        self.pools = [self.pool]  # what holds the rows (a server's metrics sum their nbytes())
+        self.slots = list(range(batch - 1, -1, -1))  # free batch slots, the next one last
+        self.waiting: deque[Sequence] = deque()  # in arrival order (preempted sequences go back to the front)
+        self.running: list[Sequence] = []  # in admission order: the last is the first to be preempted
+        self.stats = BatchStats(batch=batch, kv_bytes=self.pool.nbytes())
 
     def sequence(self, index: int, prompt: list[int], max_new_tokens: int | None = None,
                  sampling: SamplingParams | None = None) -> Sequence:
-        """A prompt as it waits, with its projected KV bytes (one layer's only matters to the pools)."""
+        """A prompt as it waits, with its projected KV bytes."""
         n, new = len(prompt), max_new_tokens or self.max_new_tokens
-        layer = projected_layer_bytes(self.model, self.cfg, n, new) if self.pools else 0
-        return Sequence(index, prompt, *projected_bytes(self.model, self.cfg, n, new), layer, max_new_tokens=new,
+        return Sequence(index, prompt, *projected_bytes(self.model, self.cfg, n, new), max_new_tokens=new,
                         sampling=sampling or self.sampling)
 
     def submit(self, index: int, prompt: list[int], max_new_tokens: int | None = None,
                sampling: SamplingParams | None = None) -> Sequence:
-        """Queue a prompt; it joins the batch when there is a slot and its projected bytes fit under the cap. Check
-        `too_large` first: a prompt that cannot fit even alone would stop the queue."""
+        """Queue a prompt; it joins the batch when there is a slot and its projected blocks fit in the free list.
+        Check `too_large` first: a prompt that cannot fit even alone would stop the queue."""
         seq = self.sequence(index, prompt, max_new_tokens, sampling)
         self.waiting.append(seq)
         self.stats.prompts += 1
         return seq
 
     def too_large(self, seq: Sequence) -> bool:
-        """Whether `seq` can never run under the cap, even alone."""
-        return self.cap is not None and seq.projected_prefill > self.cap
+        """Whether `seq` can never run in the pool, even alone."""
+        return seq.projected > self.pool.n_blocks * self.pool.block_bytes()
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Take `seq` out (a client gone, a stop string): it leaves at the next step, and on_done is not called."""
@@ -198,20 +197,37 @@ class BatchRunner:
     def idle(self) -> bool:
         return not self.waiting and not self.running
 
-    def _start(self, seq: Sequence, running: list[Sequence], stats: BatchStats) -> None:
-        """Prefill one admitted prompt on its own and sample its first token. The KV bytes are measured before the
-        last layer's prefill too, when the budget profile holds every layer's prompt K/V."""
-        limit = min(self.model.cfg.max_seq_len, len(seq.prompt) + seq.max_new_tokens)
-        seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
-        if seq.sampling.seed is not None:
+    def fits(self, new: Sequence) -> bool:
+        """Whether `new` may join: its projected blocks (at its final length) fit in the free list now. The running
+        sequences' growth is not reserved: if it runs the pool dry, the newest is preempted."""
+        return new.projected <= len(self.pool.free) * self.pool.block_bytes()
+
+    def _start(self, seq: Sequence) -> None:
+        """Prefill one admitted prompt on its own into its rows and sample its first token; a preempted sequence
+        is prefilled again and its generated tokens fed again, one decode step each, as they were the first time."""
+        c = self.model.cfg
+        seq.slot = self.slots.pop()
+        limit = min(c.max_seq_len, len(seq.prompt) + seq.max_new_tokens)
+        if self.cfg.policy == "full":
+            seq.caches, seq.on_tokens = [FullRows(self.pool, [self.paged.row(seq.slot, i, h)
+                                                              for h in range(c.n_kv_heads)])
+                                         for i in range(c.n_layers)], None
+        else:
+            seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
+        if seq.generator is None and seq.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.sampling.seed)
         if seq.on_tokens:
             seq.on_tokens(seq.prompt)
-        last = self.model.cfg.n_layers - 2
-        on_layer = lambda i: self._measure(running + [seq], stats) if i == last else None
-        logits = prefill(self.model, seq.prompt, seq.caches, 0, on_layer)
-        self._take(seq, int(sample(logits, seq.sampling, seq.generator).item()))  # reading its first token
+        logits = prefill(self.model, seq.prompt, seq.caches, 0)
+        if self.cfg.policy != "full":
+            adopt_stores(self.pool, seq.caches, lambda layer, h: self.paged.row(seq.slot, layer, h))
+        if seq.out:  # preempted: its tokens but the last (not fed yet) go through again
+            for token in seq.out[:-1]:
+                self._reserve([seq])
+                self._forward([seq], [token])
+        else:
+            self._take(seq, int(sample(logits, seq.sampling, seq.generator).item()))  # reading its first token
 
     def _take(self, seq: Sequence, token: int) -> None:
         """A sampled token: the end, or one more token of the answer (as generate() decides)."""
@@ -225,42 +241,52 @@ class BatchRunner:
         elif seq.pos >= self.model.cfg.max_seq_len:
             seq.stop_reason = "context"
 
-    def fits(self, running: list[Sequence], new: Sequence) -> bool:
-        """Whether `new` may join under the cap: while it prefills beside the running sequences, and after.
-        FastGen's pools pad every pair to the longest (pool.py), so there each sequence counts as the largest, and
-        while a layer's pools are rebuilt (as sequences join or leave) that layer is held twice: each sequence also
-        counts the largest one layer."""
-        if self.cap is None:
-            return True
-        if self.pools is None:
-            return sum(s.projected for s in running) + new.projected_prefill <= self.cap
-        if not running:  # it runs alone through its own stores: no pool, no rebuild
-            return new.projected_prefill <= self.cap
-        largest = max(new.projected, *(s.projected for s in running))
-        layer = max(new.projected_layer, *(s.projected_layer for s in running))
-        return (len(running) * largest + new.projected_prefill <= self.cap and
-                (len(running) + 1) * (largest + layer) <= self.cap)
+    def _reserve(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Blocks for the next step of `seqs` (in admission order); where none is free, the most recently admitted
+        running sequence is preempted until they fit. Returns the sequences that stay."""
+        for seq in list(seqs):
+            while seq.slot >= 0:
+                try:
+                    self.paged.reserve(seq.caches, seq.slot)
+                    break
+                except PoolFull:
+                    victim = self.running[-1] if self.running else None
+                    if victim is None or victim is seq and len(self.running) == 1:  # too_large lets only that in
+                        raise TinygenError("the KV pool ran out of blocks for a sequence running alone")
+                    self._preempt(victim)
+        return [s for s in seqs if s.slot >= 0]
 
-    def _repool(self, running: list[Sequence], stats: BatchStats) -> None:
-        """FastGen: rebuild every layer's pools for the running sequences (after some joined or left). Layer by
-        layer, each holding its old and new rows at once for a moment (pool.py): that moment is measured."""
-        held = self._held(running)
-        for i, layer in enumerate(self.pools or []):
-            before = layer.nbytes() + sum(s.caches[i].nbytes() for s in running)
-            layer.update([s.caches[i] for s in running])
-            after = layer.nbytes() + sum(s.caches[i].nbytes() for s in running)
-            stats.peak_kv_bytes = max(stats.peak_kv_bytes, held + after)  # layer i's old rows are still there
-            held += after - before
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks and queue it again, first (recompute preemption)."""
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.caches, seq.on_tokens = [], None
+        seq.preemptions += 1
+        self.stats.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.pool.release(self.paged.slot_rows(seq.slot))
+        self.slots.append(seq.slot)
+        seq.slot = -1
+
+    def _forward(self, seqs: list[Sequence], tokens: list[int]) -> torch.Tensor:
+        """One decode step of `seqs` (blocks reserved) through the paged batch -> logits (B, vocab)."""
+        for seq, token in zip(seqs, tokens):
+            if seq.on_tokens:
+                seq.on_tokens([token])
+        self.paged.set_batch([(s.slot, s.caches) for s in seqs])
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (B, 1)
+        return self.model(ids, self.paged.layers(), [s.pos for s in seqs])[:, 0]  # (B, vocab)
 
     def _step(self, running: list[Sequence]) -> list[int]:
         """One decode step for every running sequence: (B, 1) tokens in one forward, every row sampled at once
         (each sequence's noise from its own generator), one host sync for the ids."""
-        for seq in running:
-            if seq.on_tokens:
-                seq.on_tokens([seq.token])
-        tokens = torch.tensor([[s.token] for s in running], dtype=torch.long, device=self.device)  # (B, 1)
-        caches = self.pools or [s.caches for s in running]  # FastGen: per layer, one pooled object for the batch
-        logits = self.model(tokens, caches, [s.pos for s in running])[:, 0]  # (B, vocab)
+        if self.together:
+            logits = self._forward(running, [s.token for s in running])
+        else:
+            logits = torch.cat([self._forward([s], [s.token]) for s in running])
         ids = torch.empty(len(running), dtype=torch.long, device=self.device)
         groups: dict[SamplingParams, list[int]] = {}  # rows that sample alike are sampled together
         for row, s in enumerate(running):
@@ -270,85 +296,67 @@ class BatchRunner:
             ids[rows] = sample(logits[rows], params, gens)
         return ids.tolist()  # reading the sampled tokens: the one host sync
 
-    def _held(self, running: list[Sequence]) -> int:
-        """The bytes of every running sequence's caches (pooled stores count in their pools): tensor sizes, known on
-        the host."""
-        held = sum(cache.nbytes() for s in running for cache in s.caches)
-        return held + sum(layer.nbytes() for layer in self.pools or [])
-
-    def _measure(self, running: list[Sequence], stats: BatchStats) -> None:
-        c = self.model.cfg
-        full = sum(full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, s.pos, self.model.embed.weight.dtype)
-                   for s in running)
-        stats.peak_kv_bytes = max(stats.peak_kv_bytes, self._held(running))
+    def _measure(self) -> None:
+        c, dtype, stats = self.model.cfg, self.model.embed.weight.dtype, self.stats
+        row = 2 * c.head_dim * dtype.itemsize
+        full = sum(full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, s.pos, dtype) for s in self.running)
+        kept = row * sum(cache.kept_tokens() for s in self.running for cache in s.caches)
+        stats.peak_kv_bytes = max(stats.peak_kv_bytes, self.pool.used_blocks() * self.pool.block_bytes())
+        stats.peak_kv_bytes_kept = max(stats.peak_kv_bytes_kept, kept)
         stats.peak_kv_bytes_full = max(stats.peak_kv_bytes_full, full)
 
     def _finish(self, seq: Sequence) -> None:
-        seq.kept_fraction = kept_fraction(seq.caches) if seq.caches else 1.0
-        if self.pools is not None and seq.caches:  # its rows leave the pools at the next rebuild
-            seq.kv_bytes = sum(layer.leave(cache) for layer, cache in zip(self.pools, seq.caches))
-        else:
-            seq.kv_bytes = sum(c.nbytes() for c in seq.caches)
-        seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
-        seq.caches, seq.on_tokens = [], None  # frees its memory now (pooled rows: at the rebuild that follows)
+        if seq.caches:
+            seq.kept_fraction = kept_fraction(seq.caches)
+            seq.kv_bytes = self.paged.held_blocks(seq.slot) * self.pool.block_bytes()
+            seq.policies = [c.head_names() for c in seq.caches] if seq.on_tokens else None
+        if seq.slot >= 0:
+            self._release(seq)
+        seq.caches, seq.on_tokens = [], None  # its blocks are back on the free list
         self.stats.generated_tokens += len(seq.out)
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Drop cancelled sequences, admit waiting ones in arrival order while there is a slot and their projected
-        bytes fit, and decode one token for every running sequence. Returns the sequences that finished (EOS,
+        blocks fit, and decode one token for every running sequence. Returns the sequences that finished (EOS,
         their limit, the context) in this call, each with its last token in `out`; the running ones have one more
         token each."""
         stats, running, finished = self.stats, self.running, []
-        left = False
         for seq in [s for s in running if s.stop_reason]:  # cancelled since the last step
             running.remove(seq)
             self._finish(seq)
-            left = True
         for seq in [s for s in self.waiting if s.stop_reason]:
             self.waiting.remove(seq)
-        if left:
-            self._repool(running, stats)
         if not running and self.waiting and self.too_large(self.waiting[0]):
             seq = self.waiting[0]
-            raise TinygenError(f"prompt {seq.index} needs {seq.projected_prefill / 2**20:.2f} MiB of KV cache, more "
-                               f"than the cap of {self.cap / 2**20:.2f} MiB")
-        joined = False
-        while self.waiting and len(running) < self.batch and self.fits(running, self.waiting[0]):
+            raise TinygenError(f"prompt {seq.index} needs {seq.projected / 2**20:.2f} MiB of KV cache, more "
+                               f"than the pool's {self.pool.n_blocks * self.pool.block_bytes() / 2**20:.2f} MiB")
+        while self.waiting and len(running) < self.batch and (not running or self.fits(self.waiting[0])):
             seq = self.waiting.popleft()
             t0 = time.perf_counter()
-            self._start(seq, running, stats)
+            self._start(seq)
             stats.prefill_seconds += time.perf_counter() - t0
             running.append(seq)
             stats.max_running = max(stats.max_running, len(running))
-            self._measure(running, stats)
+            self._measure()
             if seq.stop_reason:
                 running.remove(seq)
                 self._finish(seq)
                 finished.append(seq)
-            else:
-                joined = True
         if not running:
             return finished  # everything admitted finished at its prefill
         t0 = time.perf_counter()
-        if joined:
-            self._repool(running, stats)
+        self._reserve(list(running))
         ids = self._step(running)
         stats.decode_seconds += time.perf_counter() - t0
         stats.decode_tokens += len(running)
-        self._measure(running, stats)
-        left = False
+        self._measure()
         for seq, token in zip(list(running), ids):
             self._take(seq, token)
             if seq.stop_reason:
                 running.remove(seq)
                 self._finish(seq)
                 finished.append(seq)
-                left = True
-        if left:  # a finished sequence's rows leave the pools now, before the next prompt is admitted
-            t0 = time.perf_counter()
-            self._repool(running, stats)
-            stats.decode_seconds += time.perf_counter() - t0
         return finished
 
     def run(self, prompts: list[tuple[int, list[int]]], on_done: Callable[[Sequence], None]) -> BatchStats:

@@ -36,8 +36,8 @@ class KVCache(Protocol):
 
 
 class BatchKVCache(Protocol):
-    """One layer's caches of a batch of sequences that attend as one (FastGen's pooled decode step,
-    tinygen/fastgen/pool.py). The model takes one per layer in place of a list of per-sequence caches."""
+    """One layer's rows of a batch of sequences that attend as one (the paged decode step, tinygen/paged.py).
+    The model takes one per layer in place of a list of per-sequence caches."""
 
     def __len__(self) -> int:
         """Sequences in the batch."""

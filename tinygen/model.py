@@ -55,7 +55,7 @@ class Attention(nn.Module):
         if isinstance(caches, list):  # each sequence's cache attends over what it keeps (its length, its policies)
             outs = [cache.attend(q[b], k[b], v[b]) for b, cache in enumerate(caches)]  # each (n_heads, T, head_dim)
             out = outs[0][None] if B == 1 else torch.stack(outs)  # (B, n_heads, T, head_dim)
-        else:  # one object for the batch (FastGen's pooled decode step, tinygen/fastgen/pool.py)
+        else:  # one object for the batch (the paged decode step, tinygen/paged.py)
             out = caches.attend(q, k, v)  # (B, n_heads, T, head_dim)
         return self.output(out)
 

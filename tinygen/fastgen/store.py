@@ -36,7 +36,7 @@ class PolicyStore:
         device = k.device
         self.policy, self.kinds, self.cfg = policy, kinds, cfg
         self.protect = protected_kinds(policy)
-        self.kv_heads = list(kv_heads)  # on the host too: a batch's pools order pairs by it without a device read
+        self.kv_heads = list(kv_heads)  # on the host too: a batch's paged step places its rows without a device read
         self.kv_index = torch.tensor(kv_heads, device=device)
         self.all_heads = kv_heads == list(range(n_kv_heads))  # then no gather of q, k, v and no scatter of out
         self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
@@ -60,7 +60,6 @@ class PolicyStore:
         self.bitmap = torch.zeros(heads, (max_len + 7) // 8, dtype=torch.uint8, device=device)
         self._set_bits(positions.long())
         self.free = torch.zeros(heads, dtype=torch.long, device=device)  # each head's freed row, when self.hole
-        self.pool = None  # during a batch's decode steps, the StorePool holding the rows (tinygen/fastgen/pool.py)
 
     def _set_bits(self, positions: torch.Tensor):
         """positions: (heads, n) -> set those bits, per head (packing a bool mask: several may share a byte)."""
@@ -238,8 +237,8 @@ class PolicyStore:
         self.kept = target
 
     def resident_mask(self, length: int) -> torch.Tensor:
-        """(heads, length) bool from the bitmaps (for tests and the dense reference), pooled or not."""
-        bitmap = self.rows()["bitmap"]
+        """(heads, length) bool from the bitmaps (for tests and the dense reference)."""
+        bitmap = self.bitmap
         bits = (bitmap[:, :, None] >> torch.arange(8, device=bitmap.device, dtype=torch.uint8)) & 1
         return bits.flatten(1)[:, :length].bool()
 
@@ -248,15 +247,8 @@ class PolicyStore:
         return [t for t in (self.k, self.v, self.pos, self.prot, self.score) if t is not None]
 
     def tensors(self):
-        """Every tensor the store owns (none while a batch's pool holds its rows)."""
+        """Every tensor the store owns (none once a batch's paged pool holds its rows: tinygen/paged.py)."""
         return [t for t in self.row_tensors() + [self.bitmap, self.free] if t is not None]
-
-    def rows(self) -> dict:
-        """Its per-row tensors, bitmap and freed rows by name: its own, or views of the pool it is in."""
-        if self.pool is not None:
-            return self.pool.slice_of(self)
-        return dict(k=self.k, v=self.v, pos=self.pos, prot=self.prot, score=self.score, bitmap=self.bitmap,
-                    free=self.free)
 
 
 def row_addresses(t: torch.Tensor, kv: bool = True) -> torch.Tensor:

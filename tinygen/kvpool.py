@@ -1,0 +1,142 @@
+"""The paged KV pool: one preallocated store of fixed-size blocks for every row of a batch, full and FastGen alike.
+
+A row is one (sequence, layer, KV head). Its tokens live in slots: logical slot r of a row is slot r % block_size of
+block tables[row, r // block_size]. Per slot the pool holds K and V (head_dim each), the token's position (int32),
+its protected flag and its float32 cumulative attention score (FastGen's heavy-hitter ranking); per row a bitmap of
+the positions it holds (one bit per position) and the logical slot its last eviction freed.
+
+Storage (tensors, allocated once) is apart from bookkeeping (plain Python: the free list and each row's block list),
+as in nano-vllm's block manager. Block 0 is never handed out: it is the "null block" that unused table entries point
+at, so a gather over a padded table reads finite zeros. A block is zeroed when it is handed out, so slots a row has
+not written yet are finite too (attention masks them, but 0 * NaN is NaN).
+
+One pool serves every layer (a departure from "one pool per layer": layers keep different shares under the paper's
+profile, and one free list lets them share the memory instead of splitting it evenly).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class PoolFull(Exception):
+    """No free block: the batch must preempt a sequence (batch.py) before the step can go on."""
+
+
+class KVPool:
+    def __init__(self, n_blocks: int, block_size: int, head_dim: int, n_rows: int, max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        """n_blocks usable blocks (plus the null block); n_rows the most rows at once (batch x n_layers x
+        n_kv_heads); max_len the longest sequence, which sizes each row's table and bitmap."""
+        assert n_blocks >= 1 and block_size >= 1, "a pool holds at least one block"
+        self.block_size, self.head_dim, self.max_len = block_size, head_dim, max_len
+        total = n_blocks + 1  # block 0: the null block
+        self.k = torch.empty(total, block_size, head_dim, device=device, dtype=dtype)  # (blocks, block_size, head_dim)
+        self.v = torch.empty_like(self.k)
+        self.pos = torch.empty(total, block_size, dtype=torch.int32, device=device)  # (blocks, block_size)
+        self.prot = torch.empty(total, block_size, dtype=torch.bool, device=device)
+        self.score = torch.empty(total, block_size, dtype=torch.float32, device=device)
+        self._zero(0)
+        max_blocks = -(-(max_len + 1) // block_size)  # a row never holds more than max_len tokens plus the new one
+        self.tables = torch.zeros(n_rows, max_blocks, dtype=torch.int32, device=device)  # (n_rows, max_blocks)
+        self.bitmap = torch.zeros(n_rows, (max_len + 7) // 8, dtype=torch.uint8, device=device)
+        self.freed = torch.zeros(n_rows, dtype=torch.long, device=device)  # each row's slot its last eviction freed
+        self.free: list[int] = list(range(n_blocks, 0, -1))  # host: free block ids, the next one last
+        self.blocks: list[list[int]] = [[] for _ in range(n_rows)]  # host: each row's blocks, in table order
+
+    @property
+    def n_blocks(self) -> int:
+        return self.k.shape[0] - 1
+
+    def block_bytes(self) -> int:
+        """Bytes of one block: K, V, position, protected flag and score of block_size slots."""
+        return sum(t[0].nbytes for t in (self.k, self.v, self.pos, self.prot, self.score))
+
+    def nbytes(self) -> int:
+        """Everything the pool allocated: blocks (the null block too), tables, bitmaps, freed slots."""
+        return sum(t.nbytes for t in (self.k, self.v, self.pos, self.prot, self.score, self.tables, self.bitmap,
+                                      self.freed))
+
+    def used_blocks(self) -> int:
+        return self.n_blocks - len(self.free)
+
+    def _zero(self, b: int):
+        self.k[b].zero_(), self.v[b].zero_(), self.score[b].zero_(), self.prot[b].zero_()
+        self.pos[b].fill_(-1)
+
+    def reserve(self, rows: list[int], slots: int) -> None:
+        """Give each row blocks until it has `slots` slots. Raises PoolFull (having given what it could: the rows
+        stay consistent, and their blocks go back with `release`) when the free list runs out."""
+        need = -(-slots // self.block_size)
+        assert need <= self.tables.shape[1], f"a row of {slots} slots is longer than max_len {self.max_len}"
+        for row in rows:
+            held = self.blocks[row]
+            while len(held) < need:
+                if not self.free:
+                    raise PoolFull
+                b = self.free.pop()
+                self._zero(b)
+                self.tables[row, len(held)] = b  # a device write of a host number: no sync
+                held.append(b)
+
+    def release(self, rows: list[int]) -> None:
+        """A sequence's rows end (it finished, or was preempted): their blocks go back to the free list."""
+        for row in rows:
+            self.free.extend(reversed(self.blocks[row]))
+            self.blocks[row] = []
+        if rows:
+            idx = torch.tensor(rows, device=self.tables.device)
+            self.tables[idx] = 0
+            self.bitmap[idx] = 0
+            self.freed[idx] = 0
+
+    def slots(self, rows: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
+        """Flat slot ids (into k.view(-1, head_dim) etc.) of logical slots: rows (P,), logical (P, R) -> (P, R)."""
+        bs = self.block_size
+        return self.tables[rows[:, None], logical // bs].long() * bs + logical % bs
+
+    def write(self, rows: torch.Tensor, logical: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+              prot: torch.Tensor, score: torch.Tensor | None = None) -> None:
+        """Write tokens into logical slots: rows (P,), logical (P, R); k, v (P, R, head_dim); pos, prot, score (P, R)."""
+        at = self.slots(rows, logical).flatten()
+        self.k.view(-1, self.head_dim)[at] = k.reshape(-1, self.head_dim).to(self.k.dtype)
+        self.v.view(-1, self.head_dim)[at] = v.reshape(-1, self.head_dim).to(self.v.dtype)
+        self.pos.view(-1)[at] = pos.flatten().to(torch.int32)
+        self.prot.view(-1)[at] = prot.flatten()
+        self.score.view(-1)[at] = 0.0 if score is None else score.flatten().float()
+
+    def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
+        """K and V of the blocks holding logical slots [0, n_slots) of each row, read through the block tables (a
+        copy, padded to whole blocks: R = n_slots rounded up to block_size), and the flat ids of those slots:
+        rows (P,) -> k, v (P, R, head_dim), slots (P, R). Table entries past a row's blocks read the null block."""
+        bs = self.block_size
+        nb = -(-n_slots // bs)
+        blocks = self.tables[rows, :nb].long()  # (P, nb)
+        P, flat = rows.shape[0], blocks.flatten()
+        k = self.k.index_select(0, flat).view(P, nb * bs, self.head_dim)
+        v = self.v.index_select(0, flat).view(P, nb * bs, self.head_dim)
+        slots = (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).view(P, nb * bs)
+        return k, v, slots
+
+    def set_bits(self, rows: torch.Tensor, positions: torch.Tensor, on: torch.Tensor | None = None) -> None:
+        """Set (or, where `on` is False, clear) the bit of positions (P,) in rows (P,)."""
+        byte, bit = positions // 8, (1 << (positions % 8)).to(torch.uint8)
+        cur = self.bitmap[rows, byte]
+        new = cur | bit if on is None else torch.where(on, cur | bit, cur & ~bit)
+        self.bitmap[rows, byte] = new
+
+    def resident_mask(self, rows: torch.Tensor, length: int) -> torch.Tensor:
+        """(P, length) bool from the rows' bitmaps (tests and the dense reference)."""
+        b = self.bitmap[rows]
+        bits = (b[:, :, None] >> torch.arange(8, device=b.device, dtype=torch.uint8)) & 1
+        return bits.flatten(1)[:, :length].bool()
+
+    def check(self) -> None:
+        """Block ownership (tests): every block is free or held by exactly one row, the tables say what the rows
+        hold, the null block is nobody's."""
+        held = [b for row in self.blocks for b in row]
+        assert len(held) == len(set(held)), "a block held by two rows"
+        assert not set(held) & set(self.free), "a held block is on the free list"
+        assert sorted(held + self.free) == list(range(1, self.n_blocks + 1)), "a block lost"
+        for row, blocks in enumerate(self.blocks):
+            t = self.tables[row].tolist()
+            assert t[: len(blocks)] == blocks and not any(t[len(blocks):]), f"row {row}: table differs"

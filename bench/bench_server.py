@@ -251,10 +251,13 @@ def chaos(a, prompts, lines):
     whole = [x for x in by_kind["ok"] if x["status"] == 200 and x["tokens"] == a.chaos_tokens and x["finish"]]
     ids = [i for x in whole for i in x["ids"]]
     server_errors = [x for x in res.values() if isinstance(x["status"], int) and x["status"] >= 500]
+    refused = [x for x in by_kind["ok"] if isinstance(x["status"], int) and 400 <= x["status"] < 500]
     lines += [f"\n## {a.chaos_requests} requests, {a.clients} clients, `{a.chaos_policy}`: 10% dropped mid-stream, 5% "
               "malformed\n",
               f"- answers asked for: {len(by_kind['ok'])}; arrived whole ({a.chaos_tokens} tokens and a finish "
-              f"reason): **{len(whole)}**; lost: **{len(by_kind['ok']) - len(whole)}**; duplicated (an id seen "
+              f"reason): **{len(whole)}**; refused with a 4xx (a prompt past the context): {len(refused)}; lost: "
+              f"**{len(by_kind['ok']) - len(whole) - len(refused) - len(server_errors)}**; failed with a 5xx: "
+              f"**{len(server_errors)}**; duplicated (an id seen "
               f"twice): **{len(ids) - len(set(ids))}**",
               f"- dropped mid-stream: {len(by_kind['drop'])}; malformed: {len(by_kind['bad'])}, answered "
               f"{sorted({x['status'] for x in by_kind['bad']})}; 5xx: **{len(server_errors)}**; 503s retried after "

@@ -6,7 +6,6 @@ One server (a tiny random model with the default tokenizer, 256 positions, auto 
 a second one starts beside it for the SIGINT test. The cli.py references run while the servers load."""
 import http.client
 import json
-import os
 import re
 import signal
 import socket

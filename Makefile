@@ -16,7 +16,7 @@ QUANTIZE ?= int4
 run: setup weights
 	$(PY) cli.py --prompt "$(PROMPT)" --policy $(POLICY) $(if $(QUANTIZE),--quantize $(QUANTIZE))
 
-# OpenAI-compatible HTTP server and chat page on http://127.0.0.1:8000 (docs/server.md): make serve SERVE_ARGS="--port 9000"
+# OpenAI-compatible HTTP server + chat page on http://127.0.0.1:8000 (docs/server.md); SERVE_ARGS="--port 9000"
 serve: setup weights
 	$(PY) cli.py --serve --policy $(POLICY) $(if $(QUANTIZE),--quantize $(QUANTIZE)) $(SERVE_ARGS)
 

@@ -108,17 +108,20 @@ async def one(client, model: str, prompt: str, max_tokens: int, drop_after: int 
             retries += 1
             await asyncio.sleep(float(e.response.headers.get("retry-after", 1)))
     times, usage, finish, ids = [], None, None, set()
-    async for ch in stream:
-        ids.add(ch.id)
-        if ch.choices and ch.choices[0].delta.content:
-            times.append(time.perf_counter())
-        if ch.choices and ch.choices[0].finish_reason:
-            finish = ch.choices[0].finish_reason
-        if ch.usage:
-            usage = ch.usage
-        if drop_after is not None and len(times) >= drop_after:
-            await stream.close()
-            return {"status": "dropped", "retries": retries}
+    try:
+        async for ch in stream:
+            ids.add(ch.id)
+            if ch.choices and ch.choices[0].delta.content:
+                times.append(time.perf_counter())
+            if ch.choices and ch.choices[0].finish_reason:
+                finish = ch.choices[0].finish_reason
+            if ch.usage:
+                usage = ch.usage
+            if drop_after is not None and len(times) >= drop_after:
+                await stream.close()
+                return {"status": "dropped", "retries": retries}
+    except openai.APIError as e:  # an error event inside the stream (the engine failed a step): a server error
+        return {"status": 500, "error": str(e)[:200], "retries": retries}
     return {"status": 200, "t0": t0, "times": times, "tokens": usage.completion_tokens if usage else 0,
             "finish": finish, "ids": ids, "retries": retries}
 
@@ -237,7 +240,7 @@ async def one_client(s, prompt, max_tokens):
 
 
 def chaos(a, prompts, lines):
-    s = Server(a, "--batch", 8, "--max-waiting", 16)
+    s = Server(a, "--batch", 8, "--max-waiting", 16, "--policy", a.chaos_policy)
     asyncio.run(load(s, prompts, 2, 2, 4))  # warm-up
     idle_rss = s.rss_mib()
     r = asyncio.run(load(s, prompts, a.chaos_requests, a.clients, a.chaos_tokens, drop=0.10, bad=0.05, seed=1))
@@ -248,9 +251,13 @@ def chaos(a, prompts, lines):
     whole = [x for x in by_kind["ok"] if x["status"] == 200 and x["tokens"] == a.chaos_tokens and x["finish"]]
     ids = [i for x in whole for i in x["ids"]]
     server_errors = [x for x in res.values() if isinstance(x["status"], int) and x["status"] >= 500]
-    lines += [f"\n## {a.chaos_requests} requests, {a.clients} clients: 10% dropped mid-stream, 5% malformed\n",
+    refused = [x for x in by_kind["ok"] if isinstance(x["status"], int) and 400 <= x["status"] < 500]
+    lines += [f"\n## {a.chaos_requests} requests, {a.clients} clients, `{a.chaos_policy}`: 10% dropped mid-stream, 5% "
+              "malformed\n",
               f"- answers asked for: {len(by_kind['ok'])}; arrived whole ({a.chaos_tokens} tokens and a finish "
-              f"reason): **{len(whole)}**; lost: **{len(by_kind['ok']) - len(whole)}**; duplicated (an id seen "
+              f"reason): **{len(whole)}**; refused with a 4xx (a prompt past the context): {len(refused)}; lost: "
+              f"**{len(by_kind['ok']) - len(whole) - len(refused) - len(server_errors)}**; failed with a 5xx: "
+              f"**{len(server_errors)}**; duplicated (an id seen "
               f"twice): **{len(ids) - len(set(ids))}**",
               f"- dropped mid-stream: {len(by_kind['drop'])}; malformed: {len(by_kind['bad'])}, answered "
               f"{sorted({x['status'] for x in by_kind['bad']})}; 5xx: **{len(server_errors)}**; 503s retried after "
@@ -276,17 +283,22 @@ def main():
     p.add_argument("--requests", type=int, default=64, help="capped: requests per policy")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--cap-caches", type=float, default=8)
+    p.add_argument("--cut", type=int, default=0, help="keep the prompts of at least this many tokens, cut to it")
     p.add_argument("--repeats", type=int, default=3, help="single: alternated runs of each")
     p.add_argument("--chaos-requests", type=int, default=500)
     p.add_argument("--chaos-tokens", type=int, default=8)
+    p.add_argument("--chaos-policy", default="auto")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "server_cpu.md"))
     a = p.parse_args()
     prompts = [json.loads(line)["turns"][0] for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     tok = Tokenizer(a.model)
+    if a.cut:  # prompts of about one length: the pools' padding then costs nothing (docs/batching.md)
+        prompts = [tok.decode(ids[:a.cut]) for ids in map(tok.encode, prompts) if len(ids) >= a.cut]
     lines = ["# cli.py --serve under load (bench/bench_server.py)", "", *[f"- {x}" for x in machine_lines()],
              f"- command: `python bench/bench_server.py {' '.join(sys.argv[1:])}`", f"- model {Path(a.model).name}, "
              f"{a.dtype}{', ' + a.quantize if a.quantize else ''}; MT-Bench first turns ({len(prompts)}) through the "
-             "chat template, in file order; greedy; every answer --max-tokens long (--ignore-eos); warm-up excluded"]
+             f"chat template, in file order{f', those of {a.cut}+ tokens cut to {a.cut}' if a.cut else ''}; greedy; "
+             "every answer --max-tokens long (--ignore-eos); warm-up excluded"]
     for run in a.runs.split(","):
         {"capped": lambda: capped(a, prompts, tok, lines), "single": lambda: single(a, prompts, lines),
          "chaos": lambda: chaos(a, prompts, lines)}[run]()

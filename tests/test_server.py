@@ -6,7 +6,6 @@ One server (a tiny random model with the default tokenizer, 256 positions, auto 
 a second one starts beside it for the SIGINT test. The cli.py references run while the servers load."""
 import http.client
 import json
-import os
 import re
 import signal
 import socket
@@ -145,6 +144,18 @@ def test_stop_string_ends_the_answer_before_it(server):
     assert r.choices[0].message.content == want[:cut] and r.choices[0].finish_reason == "stop"
     text, last = stream_chat(c, model, CHAT_PROMPT, stop=stop)
     assert text == want[:cut] and last.choices[0].finish_reason == "stop"
+    end = want[-2:]  # found in the step where the answer reaches max_tokens too: the stop string wins
+    text, last = stream_chat(c, model, CHAT_PROMPT, stop=end)
+    assert text == want[:want.index(end)] and last.choices[0].finish_reason == "stop"
+
+
+def test_stop_string_scanning():
+    """What may be sent: nothing that could be the start of a stop string; the earliest match wins."""
+    from tinygen.engine_loop import first_stop, unsafe_tail
+
+    assert first_stop("abc END x", ("END", "c E")) == 2 and first_stop("abc", ("x",)) == -1
+    assert unsafe_tail("hello EN", ("END",)) == 2 and unsafe_tail("hello E", ("END", "E!")) == 1
+    assert unsafe_tail("hello", ("END",)) == 0 and unsafe_tail("x", ()) == 0 and unsafe_tail("", ("ab",)) == 0
 
 
 def test_16_concurrent_streams_equal_batch_1_under_the_cap(server):

@@ -45,6 +45,7 @@ class Request:
     sent: int = 0  # tokens of seq.out already turned into text
     held: str = ""  # text not posted yet: it may be the start of a stop string
     closed: bool = False  # no more text: a stop string was found, or the client is gone
+    stopped: bool = False  # a stop string ended it (even where the runner's own end came in the same step)
     gone: bool = False  # the client is gone: nothing more is posted at all
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -142,8 +143,12 @@ class Engine:
             except Exception as e:  # a bug or out of memory: fail what is in flight, start afresh, keep serving
                 self._fail_all(f"internal error ({type(e).__name__}: {str(e)[:200]})")
                 continue
-            for req in list(self.active.values()):
-                self._emit(req, req.seq in done)
+            try:
+                for req in list(self.active.values()):
+                    self._emit(req, req.seq in done)
+            except Exception as e:  # a bug here must not stop the thread: every client would wait forever
+                self._fail_all(f"internal error ({type(e).__name__}: {str(e)[:200]})")
+                continue
             with self.cond:
                 self.queued = len(self.runner.waiting)
             if self.runner.idle or time.perf_counter() - self.tokens[-1][0] > 0.1:
@@ -173,7 +178,7 @@ class Engine:
                 text += req.decoder.flush()
             cut = first_stop(text, req.stop)
             if cut >= 0:  # the answer ends before the stop string; the tokens past it are dropped
-                text, req.closed = text[:cut], True
+                text, req.closed, req.stopped = text[:cut], True, True
                 self.runner.cancel(seq, "stop")
             keep = 0 if req.closed or finished else unsafe_tail(text, req.stop)
             req.held = text[len(text) - keep:]
@@ -181,10 +186,11 @@ class Engine:
                 req.post(("text", text[:len(text) - keep]))
         if finished or (seq.stop_reason and seq not in self.runner.running and seq not in self.runner.waiting):
             del self.active[req.id]  # the runner has let it go: its caches are freed
-            reason = "cancelled" if req.gone else FINISH[seq.stop_reason]
+            finish = "stop" if req.stopped else FINISH.get(seq.stop_reason, "stop")
+            reason = "cancelled" if req.gone else finish
             self.finished[reason] = self.finished.get(reason, 0) + 1
             if not req.gone:
-                req.post(("done", FINISH[seq.stop_reason], self.usage(seq)))
+                req.post(("done", finish, self.usage(seq)))
 
     def usage(self, seq: Sequence) -> dict:
         """OpenAI's token counts, plus what the sequence's caches held when it ended."""

@@ -263,7 +263,7 @@ def chaos(a, prompts, lines):
               f"{sorted({x['status'] for x in by_kind['bad']})}; 5xx: **{len(server_errors)}**; 503s retried after "
               f"Retry-After: {r['retries']}",
               f"- at the end: running {m['running_sequences']:.0f}, waiting {m['waiting_sequences']:.0f}, KV "
-              f"allocated **{m['kv_bytes_allocated']:.0f} bytes**; finished by reason: "
+              f"blocks held **{m['kv_bytes_used']:.0f} bytes**; finished by reason: "
               f"{ {k: int(v) for k, v in m.items() if k.startswith('sequences_finished')} }; server RSS "
               f"{idle_rss:.0f} MiB after warm-up, {s.rss_mib():.0f} MiB at the end",
               f"- {r['req_s']:.2f} requests/s, {r['tok_s']:.1f} output tok/s; server: `{s.cmd}`"]

@@ -23,6 +23,7 @@ from conftest import ROOT, save_tiny_chat_model
 openai = pytest.importorskip("openai", reason="the openai package is a test requirement (requirements.txt)")
 
 CAP_MB = 0.18  # admits two or three of the 16 answers at once: the cap binds, not --batch
+SPARE_CAP_MB = 0.1  # the second server: short prompts fit, a 256-token sequence never does
 NEW = 16  # the server's --max-new-tokens, and each reference's
 CHAT_PROMPT, RAW_PROMPT = "What is the capital of France?", "Once upon a time"
 MIXED = [("word " * n).strip() if i % 2 else f"Question {i}: " + "tell me more " * n
@@ -67,7 +68,7 @@ def server(tmp_path_factory, default_model_dir):
     model = save_tiny_chat_model(tmp / "model", default_model_dir, 256)
     port, port2 = free_port(), free_port()
     main = start_server(model, port, "--kv-budget-mb", CAP_MB, "--batch", 8, "--max-waiting", 24)
-    spare = start_server(model, port2)
+    spare = start_server(model, port2, "--kv-budget-mb", SPARE_CAP_MB)
     (tmp / "mixed.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in MIXED))
     refs = {"chat": cli("--model", model, "--prompt", CHAT_PROMPT),
             "raw": cli("--model", model, "--prompt", RAW_PROMPT, "--no-chat"),
@@ -186,7 +187,8 @@ def test_16_concurrent_streams_equal_batch_1_under_the_cap(server):
     assert after["generated_tokens_total"] - before["generated_tokens_total"] == tokens == 16 * NEW
     key = 'sequences_finished_total{reason="length"}'
     assert after[key] - before.get(key, 0) == 16
-    assert after["running_sequences"] == after["waiting_sequences"] == after["kv_bytes_allocated"] == 0
+    assert after["running_sequences"] == after["waiting_sequences"] == after["kv_bytes_used"] == 0
+    assert after["kv_bytes_allocated"] >= after["kv_bytes_peak"]  # the pool, allocated once
 
 
 def test_a_client_gone_mid_stream_frees_its_sequence(server):
@@ -209,7 +211,7 @@ def test_a_client_gone_mid_stream_frees_its_sequence(server):
         conn.close()
         assert other.result()[0] == server["refs"]["mixed"][3]
     t0 = time.time()
-    while (m := metrics(url))["running_sequences"] or m["kv_bytes_allocated"]:
+    while (m := metrics(url))["running_sequences"] or m["kv_bytes_used"]:
         assert time.time() - t0 < 10, m
         time.sleep(0.05)
     key = 'sequences_finished_total{reason="cancelled"}'
@@ -231,7 +233,6 @@ BAD = [  # (body, status, code or param in the error)
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "model_not_found"),
     ({"messages": [{"role": "user", "content": "hi"}], "policy": "full"}, 400, "policy_not_served"),
     ({"messages": [{"role": "user", "content": "hi"}], "kv_budget": 0.5}, 400, "kv_budget_not_served"),
-    ({"messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 40}, 400, "kv_cache_too_large"),
 ]
 
 
@@ -277,6 +278,17 @@ def test_a_full_queue_answers_503_with_retry_after(server):
     assert busy and all(code in (200, 503) for code, _, _ in replies)
     assert all(h["Retry-After"] and r["error"]["code"] == "server_busy" for h, r in busy)
     assert len({r["choices"][0]["text"] for code, _, r in replies if code == 200}) == 1
+
+
+def test_a_request_that_never_fits_the_pool_is_refused(server):
+    """Under the second server's small pool a sequence of the whole context can never run, even alone: a 400 at
+    once, not a request waiting forever; the next request is answered."""
+    p, url = server["spare"]
+    body = {"model": server["model"], "messages": [{"role": "user", "content": "word " * 200}], "max_tokens": 40}
+    code, _, reply = post(url, "/v1/chat/completions", body)
+    assert code == 400 and reply["error"]["code"] == "kv_cache_too_large", reply
+    assert post(url, "/v1/completions", {"prompt": RAW_PROMPT, "temperature": 0})[2]["choices"][0]["text"] == \
+        server["refs"]["raw"]
 
 
 def test_sigint_exits_0(server):

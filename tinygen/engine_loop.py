@@ -225,7 +225,9 @@ class Engine:
             "running": len(r.running), "waiting": len(r.waiting) + len(self.inbox),
             "tokens_per_second": (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0,
             "decode_tokens_per_second": r.stats.decode_tokens_per_second,
-            "kv_bytes_allocated": sum(c.nbytes() for c in caches) + sum(p.nbytes() for p in r.pools or []),
+            "kv_bytes_allocated": r.pool.nbytes(),  # the paged pool, allocated once
+            "kv_bytes_used": r.pool.used_blocks() * r.pool.block_bytes(),  # its blocks the running sequences hold
+            "preemptions": r.stats.preemptions,
             "kv_bytes_kept": row * sum(c.kept_tokens() for c in caches),
             "kv_bytes_full": row * sum(c.length * c.n_kv_heads for c in caches),
             "kv_bytes_peak": max(self.peak, r.stats.peak_kv_bytes), "kv_bytes_cap": r.cap or 0,

@@ -189,15 +189,17 @@ def prometheus(m: dict, requests_total: dict, policy: str) -> str:
            [("", round(m["decode_tokens_per_second"], 3))])
     metric("generated_tokens_total", "counter", "tokens of finished and cancelled sequences",
            [("", m["generated_tokens"])])
-    for name, help_ in (("allocated", "KV cache storage of the running sequences (pools included)"),
+    for name, help_ in (("allocated", "the paged KV pool's storage, allocated once (--kv-budget-mb)"),
+                        ("used", "the pool's blocks the running sequences hold now"),
                         ("kept", "K and V of the tokens the running sequences' caches keep"),
                         ("full", "what full caches of the running sequences' lengths would hold"),
-                        ("peak", "the most KV storage held at once since start"),
+                        ("peak", "the most pool blocks' bytes held at once since start"),
                         ("cap", "--kv-budget-mb in bytes (0: no cap)")):
         metric(f"kv_bytes_{name}", "gauge", help_, [("", m[f"kv_bytes_{name}"])])
     kept = m["kv_bytes_kept"] / m["kv_bytes_full"] if m["kv_bytes_full"] else 1.0
     metric("kept_fraction", "gauge", f"kept over full, running sequences (policy {policy})", [("", round(kept, 6))])
-    metric("preemptions_total", "counter", "sequences preempted (the batcher never preempts yet)", [("", 0)])
+    metric("preemptions_total", "counter", "sequences preempted to free blocks (recomputed later)",
+           [("", m["preemptions"])])
     metric("sequences_finished_total", "counter", "sequences ended, by finish reason",
            [(f'{{reason="{r}"}}', n) for r, n in sorted(m["finished"].items())])
     metric("requests_total", "counter", "HTTP requests answered, by route and status",

@@ -187,19 +187,20 @@ def test_unwritable_stats_json_keeps_the_answers(batch_setup, tmp_path):
     """The totals file cannot be written at the end (its directory was removed while the run went): one line,
     exit 1, and every answer is in --out."""
     model, src, reference = batch_setup
-    out, stats = tmp_path / "answers.jsonl", tmp_path / "stats.json"
     sub = tmp_path / "sub"
     sub.mkdir()
-    out2, stats2 = tmp_path / "answers2.jsonl", sub / "stats.json"
-    p = start(["--model", model, "--prompts-file", src, "--out", out2, "--stats-json", stats2, *BATCH_ARGS],
+    out, stats = tmp_path / "answers2.jsonl", sub / "stats.json"
+    p = start(["--model", model, "--prompts-file", src, "--out", out, "--stats-json", stats, *BATCH_ARGS],
               tmp_path)
-    wait_until(p, lambda: out2.exists() and out2.read_text().count("\n") >= 1, "answers")
+    wait_until(p, lambda: out.exists() and out.read_text().count("\n") >= 1, "answers")
     sub.rmdir()
     code, _, err = finish(p)
     lines = err.strip().splitlines()
-    assert code == 1 and lines[-1].startswith("error: cannot write") and str(stats2) in lines[-1], err
+    assert code == 1 and lines[-1].startswith("error: cannot write") and str(stats) in lines[-1], err
     assert sum(line.startswith("error:") for line in lines) == 1
-    assert list(answers(out2)) == list(range(N_PROMPTS))
+    got = answers(out)
+    assert list(got) == list(range(N_PROMPTS))
+    same_answers(got, reference)
 
 
 def test_read_only_output(batch_setup, tmp_path):

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import machine_lines, prompt_ids, write_report  # noqa: E402
-from tinygen.batch import BatchRunner, projected_bytes  # noqa: E402
+from tinygen.batch import BatchRunner  # noqa: E402
+from tinygen.projection import projected_bytes  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
 from tinygen.loader import load_model  # noqa: E402
 from tinygen.sampling import SamplingParams  # noqa: E402

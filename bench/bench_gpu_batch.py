@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_gpu import SHAPES, SMOKE_SHAPES, build  # noqa: E402
 from bench.common import machine_lines, write_atomic  # noqa: E402
-from tinygen.batch import BatchRunner, projected_bytes  # noqa: E402
+from tinygen.batch import BatchRunner  # noqa: E402
+from tinygen.projection import projected_bytes  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
 from tinygen.loader import DTYPES  # noqa: E402
 from tinygen.sampling import SamplingParams  # noqa: E402

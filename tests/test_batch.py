@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import DEVICES, ROOT, interruptible
 
-from tinygen.batch import BatchRunner, projected_bytes
+from tinygen.batch import BatchRunner
+from tinygen.projection import projected_bytes
 from tinygen.fastgen.cache import fastgen_caches
 from tinygen.fastgen.kinds import TokenKinds
 from tinygen.fastgen.policy import FastGenConfig

@@ -8,10 +8,12 @@ import torch
 from test_fastgen_model import book_prompt, engine  # noqa: F401  (the real-model fixture)
 from test_fastgen_store import L0, one_thread, resident, run  # noqa: F401  (one_thread: an autouse fixture)
 
+import tinygen.fastgen.allocate as allocation
 import tinygen.fastgen.budget as budget
 from conftest import DEVICES, kept_set
 from tinygen.cache import kept_fraction
-from tinygen.fastgen.budget import MENU, Option, allocate, option_recoveries, rank_key
+from tinygen.fastgen.allocate import allocate
+from tinygen.fastgen.budget import MENU, Option, option_recoveries, rank_key
 from tinygen.fastgen.cache import fastgen_caches
 from tinygen.fastgen.kinds import TokenKinds, vocab_kinds
 from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, SHAPES, FastGenConfig
@@ -148,7 +150,7 @@ def test_allocation_spends_the_budget_on_ties():
 def test_large_allocations_fit_and_beat_every_uniform_one(monkeypatch):
     """Past DP_CELLS the Lagrangian allocation: it fits, and recovers at least what any uniform allocation that fits
     recovers (the leftover spent, then the best uniform one if it recovers more)."""
-    monkeypatch.setattr(budget, "DP_CELLS", 1)
+    monkeypatch.setattr(allocation, "DP_CELLS", 1)
     cost = torch.tensor([0.099, 0.752, 0.773, 1.0], dtype=torch.float64)
     rec = torch.tensor([[.092, .47, .654, .93], [.295, .376, .907, .981]])
     assert allocate(rec, cost, 0.807) == [2, 2]  # the uniform option 2 beats the priced choice [3, 0]
@@ -335,7 +337,7 @@ def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model
 def test_layer_budgets_give_each_layer_its_own_share(tiny_model_dir):
     """layer_budgets: every head of layer i keeps the menu share at budget i (the smallest step of 0.05 at or above
     it), through prefill and decoding; the batch admission counts their mean; bad lists are one-line errors."""
-    from tinygen.batch import kept_share
+    from tinygen.projection import kept_share
     from tinygen.errors import TinygenError
     from tinygen.loader import load_model
 

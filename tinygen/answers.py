@@ -15,7 +15,8 @@ import os
 import sys
 import time
 
-from .batch import BatchRunner, BatchStats, projected_bytes
+from .batch import BatchRunner, BatchStats
+from .projection import projected_bytes
 from .cliutil import check_interrupted, exit_code, held, write_json_atomic, write_text_atomic
 from .errors import TinygenError
 from .eval.prompts import prompt_of, read_records

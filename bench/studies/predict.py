@@ -92,7 +92,7 @@ def allocation_study(rec_b: torch.Tensor, c: torch.Tensor, L: int, menu, target:
     """One prompt, all heads of the model: the actual recovery each head gets under uniform f70, the budget
     allocation at `target` (floor 0 and 0.5, ranking by the observation-window prediction) and an oracle allocation
     that knows the actual recoveries. rec_b, c: (heads, options)."""
-    from tinygen.fastgen.budget import allocate
+    from tinygen.fastgen.allocate import allocate
 
     labels = [o.label for o in menu]
     cost = torch.tensor([o.kept(L) / L for o in menu], dtype=torch.float64)

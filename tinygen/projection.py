@@ -1,0 +1,46 @@
+"""What a sequence will hold in the paged pool, known before it runs: admission compares these projections with the
+pool's free blocks (batch.py), and `--prompts-file` refuses up front a prompt that could never fit."""
+from __future__ import annotations
+
+import math
+
+from .fastgen.policy import FREQUENT, LOCAL, FastGenConfig, protected_kinds
+
+BLOCK_SIZE = 16  # tokens of one KV head per block
+
+
+def block_bytes(model, block_size: int = BLOCK_SIZE) -> int:
+    """Bytes of one pool block: K and V of block_size tokens of one KV head, their positions (int32), protected
+    flags and scores (float32)."""
+    return block_size * (2 * model.cfg.head_dim * model.embed.weight.dtype.itemsize + 4 + 1 + 4)
+
+
+def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """Upper bounds on the bytes of the blocks one sequence's rows hold: (from its first decode step on, during its
+    prefill), the same figure: every row holds at most its kept share of the final length plus the new token's
+    slot, in whole blocks. A FastGen prefill's own stores (one sequence at a time) live outside the pool."""
+    c = model.cfg
+    final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
+    share = 1.0 if cfg.policy == "full" else kept_share(cfg)
+    slots = min(final + 1, math.ceil(share * final) + 2)  # +1: local+frequent rounds two shares up; +1 the new slot
+    blocks = c.n_layers * c.n_kv_heads * math.ceil(slots / BLOCK_SIZE)
+    steady = blocks * block_bytes(model)
+    return steady, steady
+
+
+def kept_share(cfg: FastGenConfig) -> float:
+    """The most a sequence keeps, as a share of its length, known before profiling. The budget profile's heads take
+    menu shares (steps of 0.05): at the default floor of 1 each takes the smallest one >= --kv-budget; below it
+    the planner keeps the mean within the budget. Fixed local/frequent policies keep their ratios; anything that
+    protects special/punctuation tokens (or the paper's profile) may keep everything."""
+    from .fastgen.budget import SHARES
+
+    menu_share = lambda b: min((s for s in SHARES if s >= b - 1e-9), default=1.0)  # noqa: E731  (smallest >= b)
+    if cfg.budgeted and cfg.layer_budgets is not None:  # each layer's heads take the menu share at its budget
+        return sum(map(menu_share, cfg.layer_budgets)) / len(cfg.layer_budgets)
+    if cfg.budgeted:
+        return min(1.0, max(cfg.kv_budget, menu_share(cfg.head_floor * cfg.kv_budget)))
+    if cfg.fixed_policy is not None and not protected_kinds(cfg.fixed_policy):  # local and/or frequent
+        return min(1.0, (cfg.local_ratio if cfg.fixed_policy & LOCAL else 0) +
+                   (cfg.frequent_ratio if cfg.fixed_policy & FREQUENT else 0))
+    return 1.0

@@ -333,3 +333,24 @@ def test_step_by_step_with_a_cancel(chat_model, policy):
     assert [s.index for s in finished] == [2, 0] and seqs[0].out == want[0]
     assert len(short.out) == 4 and short.stop_reason == "length"
     assert runner.stats.generated_tokens == 10 + 4 + 3
+
+
+def test_a_batch_mixes_policies(tiny_engine):
+    """Each sequence may bring its own FastGen configuration (a server's request chooses its policy): full, the
+    budget profile at two budgets, the paper profile and a fixed policy run in one batch, every row attending in the
+    same call, and each answer equals its own policy's run alone; each keeps what its own policy keeps."""
+    model, tok = tiny_engine
+    cfgs = [FastGenConfig("full"), FastGenConfig(kv_budget=0.5), FastGenConfig(profile="paper", threshold=0.9),
+            FastGenConfig(kv_budget=0.8), FastGenConfig("local+frequent")]
+    prompts = [STAGGERED[i % len(STAGGERED)] for i in range(len(cfgs))]
+    want = {}
+    for i, (cfg, ids) in enumerate(zip(cfgs, prompts)):
+        BatchRunner(model, tok, cfg, SamplingParams(), 30, 1, ignore_eos=True).run(
+            [(i, ids)], lambda s: want.__setitem__(s.index, (list(s.out), s.kept_fraction)))
+    runner = BatchRunner(model, tok, FastGenConfig("full"), SamplingParams(), 30, len(cfgs), ignore_eos=True)
+    seqs = [runner.submit(i, ids, cfg=cfg) for i, (cfg, ids) in enumerate(zip(cfgs, prompts))]
+    while not runner.idle:
+        runner.step()
+    assert runner.stats.max_running == len(cfgs)
+    assert {s.index: (s.out, s.kept_fraction) for s in seqs} == want
+    assert seqs[0].kept_fraction == 1.0 and seqs[1].kept_fraction < seqs[3].kept_fraction < 1.0

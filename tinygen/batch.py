@@ -62,6 +62,7 @@ class Sequence:
     policies: list | None = None
     slot: int = -1  # its batch slot while it runs (which rows of the pool are its)
     preemptions: int = 0
+    cfg: FastGenConfig | None = None  # its own FastGen configuration (a server's request may choose its policy)
 
     @property
     def pos(self) -> int:
@@ -134,17 +135,18 @@ class BatchRunner:
         self.stats = BatchStats(batch=batch, kv_bytes=self.pool.nbytes())
 
     def sequence(self, index: int, prompt: list[int], max_new_tokens: int | None = None,
-                 sampling: SamplingParams | None = None) -> Sequence:
-        """A prompt as it waits, with its projected KV bytes."""
-        n, new = len(prompt), max_new_tokens or self.max_new_tokens
-        return Sequence(index, prompt, *projected_bytes(self.model, self.cfg, n, new), max_new_tokens=new,
-                        sampling=sampling or self.sampling)
+                 sampling: SamplingParams | None = None, cfg: FastGenConfig | None = None) -> Sequence:
+        """A prompt as it waits, with its projected KV bytes. cfg: its own FastGen configuration (policy, budget),
+        else the runner's: a batch may mix policies, every row attending in the same call."""
+        n, new, cfg = len(prompt), max_new_tokens or self.max_new_tokens, cfg or self.cfg
+        return Sequence(index, prompt, *projected_bytes(self.model, cfg, n, new), max_new_tokens=new,
+                        sampling=sampling or self.sampling, cfg=cfg)
 
     def submit(self, index: int, prompt: list[int], max_new_tokens: int | None = None,
-               sampling: SamplingParams | None = None) -> Sequence:
+               sampling: SamplingParams | None = None, cfg: FastGenConfig | None = None) -> Sequence:
         """Queue a prompt; it joins the batch when there is a slot and its projected blocks fit in the free list.
         Check `too_large` first: a prompt that cannot fit even alone would stop the queue."""
-        seq = self.sequence(index, prompt, max_new_tokens, sampling)
+        seq = self.sequence(index, prompt, max_new_tokens, sampling, cfg)
         self.waiting.append(seq)
         self.stats.prompts += 1
         return seq
@@ -173,19 +175,19 @@ class BatchRunner:
         c = self.model.cfg
         seq.slot = self.slots.pop()
         limit = min(c.max_seq_len, len(seq.prompt) + seq.max_new_tokens)
-        if self.cfg.policy == "full":
+        if seq.cfg.policy == "full":
             seq.caches, seq.on_tokens = [FullRows(self.pool, [self.paged.row(seq.slot, i, h)
                                                               for h in range(c.n_kv_heads)])
                                          for i in range(c.n_layers)], None
         else:
-            seq.caches, seq.on_tokens = make_caches(self.model, self.tok, self.cfg, limit)
+            seq.caches, seq.on_tokens = make_caches(self.model, self.tok, seq.cfg, limit)
         if seq.generator is None and seq.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.sampling.seed)
         if seq.on_tokens:
             seq.on_tokens(seq.prompt)
         logits = prefill(self.model, seq.prompt, seq.caches, 0)
-        if self.cfg.policy != "full":
+        if seq.cfg.policy != "full":
             adopt_stores(self.pool, seq.caches, lambda layer, h: self.paged.row(seq.slot, layer, h))
         if seq.out:  # preempted: its tokens but the last (not fed yet) go through again
             for token in seq.out[:-1]:

@@ -1,6 +1,7 @@
 """cli.py --serve as a real process on a free port, reached by real clients (the official openai package, raw
-HTTP): answers equal cli.py's greedy answers, concurrent streams equal their batch-1 answers under a KV cap, a
-client gone frees its sequence, bad requests get OpenAI-style errors and the server goes on, signals exit 0.
+HTTP): answers equal cli.py's greedy answers, under the server's policy or the request's own, concurrent streams of
+mixed policies equal their batch-1 answers under a KV cap, a client gone frees its sequence, bad requests get
+OpenAI-style errors and the server goes on, signals exit 0.
 
 One server (a tiny random model with the default tokenizer, 256 positions, auto at 0.7) serves the whole module;
 a second one starts beside it for the SIGINT test. The cli.py references run while the servers load."""
@@ -28,6 +29,11 @@ NEW = 16  # the server's --max-new-tokens, and each reference's
 CHAT_PROMPT, RAW_PROMPT = "What is the capital of France?", "Once upon a time"
 MIXED = [("word " * n).strip() if i % 2 else f"Question {i}: " + "tell me more " * n
          for i, n in enumerate([1, 3, 5, 8, 12, 17, 23, 30, 2, 6, 40, 9, 15, 27, 4, 33])]
+# A request's own policy (its body's extra fields; {}: the server's auto at 0.7), the cli.py flags of the same
+# configuration, and the policy its usage reports. MIXED[i] asks with POLICIES[i % 4].
+POLICIES = [({}, [], "auto"), ({"policy": "full"}, ["--policy", "full"], "full"),
+            ({"policy": "auto", "kv_budget": 0.5}, ["--kv-budget", 0.5], "auto"),
+            ({"policy": "local+frequent"}, ["--policy", "local+frequent"], "local+frequent")]
 
 
 def free_port() -> int:
@@ -69,16 +75,21 @@ def server(tmp_path_factory, default_model_dir):
     port, port2 = free_port(), free_port()
     main = start_server(model, port, "--kv-budget-mb", CAP_MB, "--batch", 8, "--max-waiting", 24)
     spare = start_server(model, port2, "--kv-budget-mb", SPARE_CAP_MB)
-    (tmp / "mixed.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in MIXED))
-    refs = {"chat": cli("--model", model, "--prompt", CHAT_PROMPT),
-            "raw": cli("--model", model, "--prompt", RAW_PROMPT, "--no-chat"),
-            "mixed": cli("--model", model, "--prompts-file", tmp / "mixed.jsonl", "--out", tmp / "mixed_out.jsonl",
-                         "--batch", 1)}
+    refs = {"raw": cli("--model", model, "--prompt", RAW_PROMPT, "--no-chat")}
+    for k, (_, flags, _) in enumerate(POLICIES):  # each policy's share of MIXED, then CHAT_PROMPT, at batch 1
+        (tmp / f"mixed{k}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
+                                                     for p in MIXED[k::len(POLICIES)] + [CHAT_PROMPT]))
+        refs[k] = cli("--model", model, "--prompts-file", tmp / f"mixed{k}.jsonl", "--out", tmp / f"out{k}.jsonl",
+                      "--batch", 1, *flags)
     for name, p in refs.items():
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         refs[name] = out[:-1]  # the answer, then one newline
-    refs["mixed"] = [json.loads(line)["text"] for line in (tmp / "mixed_out.jsonl").read_text().splitlines()]
+    by_policy = [[json.loads(line) for line in (tmp / f"out{k}.jsonl").read_text().splitlines()]
+                 for k in range(len(POLICIES))]
+    refs["mixed"] = [by_policy[i % len(POLICIES)][i // len(POLICIES)] for i in range(len(MIXED))]  # records
+    refs["chat_by_policy"] = [records[-1] for records in by_policy]
+    refs["chat"] = refs["chat_by_policy"][0]["text"]  # the server's own policy
     url, url2 = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port2}"
     wait_ready(main, url)
     wait_ready(spare, url2)
@@ -123,7 +134,8 @@ def test_openai_client_chat_and_completions_equal_cli(server):
     assert r.choices[0].message.content == refs["chat"] and r.choices[0].finish_reason == "length"
     u = r.usage.model_dump()
     assert u["completion_tokens"] == NEW and u["total_tokens"] == u["prompt_tokens"] + NEW
-    assert u["policy"] == "auto" and 0 < u["kept_fraction"] < 1 and 0 < u["kv_bytes"] and u["kv_bytes_full"] > 0
+    assert u["policy"] == "auto" and u["kv_budget"] == 0.7 and 0 < u["kept_fraction"] < 1 and 0 < u["kv_bytes"]
+    assert u["kv_bytes_full"] > 0
     text, last = stream_chat(c, model, CHAT_PROMPT)
     assert text == refs["chat"] and last.choices[0].finish_reason == "length"
     assert last.usage.completion_tokens == NEW
@@ -159,10 +171,28 @@ def test_stop_string_scanning():
     assert unsafe_tail("hello", ("END",)) == 0 and unsafe_tail("x", ()) == 0 and unsafe_tail("", ("ab",)) == 0
 
 
-def test_16_concurrent_streams_equal_batch_1_under_the_cap(server):
-    """16 streaming clients at once, prompts of 5 to 130 tokens: each answer equals its batch-1 answer (cli.py
-    --prompts-file --batch 1), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
-    /metrics counts what was served."""
+def test_a_request_chooses_its_own_policy(server):
+    """A request's `policy` / `kv_budget` (extra body fields) other than the server's auto at 0.7: each answer equals
+    the same prompt's greedy cli.py answer under that configuration (batch 1), its kept fraction equals that run's,
+    and its usage names it; streaming or not."""
+    c, model, refs = client(server), server["model"], server["refs"]["chat_by_policy"]
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    for k, (extra, _, name) in enumerate(POLICIES):
+        r = c.chat.completions.create(model=model, messages=messages, temperature=0, extra_body=extra)
+        u = r.usage.model_dump()
+        assert (r.choices[0].message.content, u["kept_fraction"]) == (refs[k]["text"], refs[k]["kept_fraction"]), k
+        assert u["policy"] == name and u["kv_budget"] == (extra.get("kv_budget", 0.7) if name == "auto" else None)
+        assert u["kv_bytes"] == refs[k]["kv_bytes"]
+    assert refs[1]["kept_fraction"] == 1.0 and refs[2]["kept_fraction"] < refs[0]["kept_fraction"] < 1.0
+    text, last = stream_chat(c, model, CHAT_PROMPT, extra_body=POLICIES[3][0])
+    assert text == refs[3]["text"] and last.usage.model_dump()["policy"] == "local+frequent"
+
+
+def test_16_concurrent_streams_of_mixed_policies_equal_batch_1_under_the_cap(server):
+    """16 streaming clients at once, prompts of 5 to 130 tokens, cycling four policies (the server's auto at 0.7,
+    full, auto at 0.5, local+frequent): each answer and kept fraction equals its batch-1 run under its own policy
+    (cli.py --prompts-file --batch 1), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
+    /metrics counts what was served, by policy too."""
     url, model = server["url"], server["model"]
     before, running, done = metrics(url), [], threading.Event()
 
@@ -174,10 +204,14 @@ def test_16_concurrent_streams_equal_batch_1_under_the_cap(server):
     watcher.start()
     c = client(server)
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(lambda p: stream_chat(c, model, p), MIXED))
+        results = list(pool.map(lambda i: stream_chat(c, model, MIXED[i], extra_body=POLICIES[i % 4][0]),
+                                range(len(MIXED))))
     done.set()
     watcher.join()
-    assert [text for text, _ in results] == server["refs"]["mixed"]
+    want = server["refs"]["mixed"]
+    assert [text for text, _ in results] == [r["text"] for r in want]
+    assert [last.usage.kept_fraction for _, last in results] == [r["kept_fraction"] for r in want]
+    assert [last.usage.model_dump()["policy"] for _, last in results] == [POLICIES[i % 4][2] for i in range(16)]
     after = metrics(url)
     assert 0 < after["kv_bytes_peak"] <= after["kv_bytes_cap"] == int(CAP_MB * 2**20)
     assert 1 < max(running) < 16, "the cap, not the batch, decides how many run"
@@ -187,6 +221,9 @@ def test_16_concurrent_streams_equal_batch_1_under_the_cap(server):
     assert after["generated_tokens_total"] - before["generated_tokens_total"] == tokens == 16 * NEW
     key = 'sequences_finished_total{reason="length"}'
     assert after[key] - before.get(key, 0) == 16
+    for label in ("auto@0.7", "full", "auto@0.5", "local+frequent"):
+        key = f'policy_sequences_finished_total{{policy="{label}"}}'
+        assert after[key] - before.get(key, 0) == 4, label
     assert after["running_sequences"] == after["waiting_sequences"] == after["kv_bytes_used"] == 0
     assert after["kv_bytes_allocated"] >= after["kv_bytes_peak"]  # the pool, allocated once
 
@@ -206,10 +243,10 @@ def test_a_client_gone_mid_stream_frees_its_sequence(server):
     while events < 3:
         events += resp.readline().startswith(b"data: ")
     with ThreadPoolExecutor(1) as pool:
-        other = pool.submit(stream_chat, client(server), model, MIXED[3])
+        other = pool.submit(stream_chat, client(server), model, MIXED[4])  # POLICIES[0]: the server's own
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
-        assert other.result()[0] == server["refs"]["mixed"][3]
+        assert other.result()[0] == server["refs"]["mixed"][4]["text"]
     t0 = time.time()
     while (m := metrics(url))["running_sequences"] or m["kv_bytes_used"]:
         assert time.time() - t0 < 10, m
@@ -231,8 +268,13 @@ BAD = [  # (body, status, code or param in the error)
     ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}}, 400, "logit_bias"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404, "model_not_found"),
-    ({"messages": [{"role": "user", "content": "hi"}], "policy": "full"}, 400, "policy_not_served"),
-    ({"messages": [{"role": "user", "content": "hi"}], "kv_budget": 0.5}, 400, "kv_budget_not_served"),
+    ({"messages": [{"role": "user", "content": "hi"}], "policy": "nonsense"}, 400, "policy"),
+    ({"messages": [{"role": "user", "content": "hi"}], "policy": "full+local"}, 400, "policy"),
+    ({"messages": [{"role": "user", "content": "hi"}], "policy": 3}, 400, "policy"),
+    ({"messages": [{"role": "user", "content": "hi"}], "kv_budget": 0}, 400, "kv_budget"),
+    ({"messages": [{"role": "user", "content": "hi"}], "kv_budget": 1.5}, 400, "kv_budget"),
+    ({"messages": [{"role": "user", "content": "hi"}], "kv_budget": "x"}, 400, "kv_budget"),
+    ({"messages": [{"role": "user", "content": "hi"}], "policy": "full", "kv_budget": 0.5}, 400, "kv_budget"),
 ]
 
 
@@ -261,6 +303,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server):
         err = reply["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"], reply
         assert where is None or where in (err["param"], err["code"]), reply
+        assert where not in ("policy", "kv_budget") or err["param"] == where, reply  # the field named
         assert "Traceback" not in err["message"]
     code, reply = post_oversized(url, 2 << 20)
     assert code == 413 and reply["error"]["message"], reply

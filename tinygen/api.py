@@ -5,17 +5,23 @@ in its own format). Accepted, as in OpenAI's API: `model`, `max_tokens` (chat al
 `temperature` in [0, 2], `top_p` in (0, 1], `seed`, `stop` (a string or up to 4), `stream`, `stream_options`
 (`include_usage`), `n` = 1, `user`, and `frequency_penalty` / `presence_penalty` at 0; chat: `messages` (roles
 system, user, assistant; content a string or text parts); completions: `prompt` (a string, or a list of one). Two
-fields of tinygen's: `policy` and `kv_budget`, accepted when they name what the server runs (one FastGen
-configuration per BatchRunner for now) and refused with a 400 otherwise. Any other field is a 400, as OpenAI does.
-Defaults come from the server's command line (`--temperature`, `--top-p`, `--top-k`, `--seed`, `--max-new-tokens`).
+fields of tinygen's choose the request's own KV cache: `policy` (any name `--policy` takes: auto, full, or
+components joined by '+') and `kv_budget` (in (0, 1]: auto's kept fraction, for the budget profile only). Each
+left out is the server's flag; the rest of the FastGen configuration (--profile, --threshold, --shapes, the ratios,
+the calibration) is always the server's. Any other field is a 400, as OpenAI does. Defaults come from the server's
+command line (`--temperature`, `--top-p`, `--top-k`, `--seed`, `--max-new-tokens`, `--policy`, `--kv-budget`).
 """
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from .errors import TinygenError
+from .fastgen.budget import with_calibration
+from .fastgen.policy import FULL, FastGenConfig, parse_policy
 from .sampling import SamplingParams
 
 KNOWN = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "n", "user",
@@ -45,6 +51,7 @@ class Job:
     stop: tuple[str, ...]
     stream: bool
     model: str
+    fastgen: FastGenConfig  # the request's own: the server's, with its policy and kv_budget
 
 
 @dataclass
@@ -54,8 +61,19 @@ class ServerSettings:
     context: int  # the model's positions: a prompt must leave room for one new token
     max_new_tokens: int
     sampling: SamplingParams
-    policy: str
-    kv_budget: float | None  # auto with the budget profile: its kept fraction; None otherwise
+    fastgen: FastGenConfig  # the server's, as it runs (with its calibration's layer budgets, if any)
+    calibration: Path | None = None  # the budget profile's per-layer calibration, for a request's own kv_budget
+    n_layers: int = 0
+    configs: dict = field(default_factory=dict)  # (policy, kv_budget) -> FastGenConfig, built once each
+
+    @property
+    def policy(self) -> str:
+        return self.fastgen.policy
+
+    @property
+    def kv_budget(self) -> float | None:
+        """auto with the budget profile: its kept fraction; None otherwise."""
+        return self.fastgen.kv_budget if self.fastgen.budgeted else None
 
 
 def number(body: dict, name: str, lo: float, hi: float, default, open_lo: bool = False):
@@ -114,15 +132,7 @@ def parse(body: dict, chat: bool, s: ServerSettings, tok) -> Job:
     integer(body, "n", 1, 1, 1)
     for name in ("frequency_penalty", "presence_penalty"):
         number(body, name, 0, 0, 0)
-    policy = body.get("policy", s.policy)
-    if policy != s.policy:
-        raise ApiError(400, f"this server runs policy {s.policy!r} only: one FastGen configuration serves every "
-                       "request for now", "policy", "policy_not_served")
-    budget = number(body, "kv_budget", 0, 1, None, open_lo=True)
-    if budget is not None and budget != s.kv_budget:
-        served = f"kv_budget {s.kv_budget:g}" if s.kv_budget is not None else "no kv_budget"
-        raise ApiError(400, f"this server runs {served} only: one FastGen configuration serves every request for "
-                       "now", "kv_budget", "kv_budget_not_served")
+    fastgen = request_config(s, body.get("policy"), number(body, "kv_budget", 0, 1, None, open_lo=True))
     name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = integer(body, name, 1, 10**9, s.max_new_tokens)
     sampling = SamplingParams(number(body, "temperature", 0, 2, s.sampling.temperature), s.sampling.top_k,
@@ -136,7 +146,36 @@ def parse(body: dict, chat: bool, s: ServerSettings, tok) -> Job:
     if len(ids) >= s.context:
         raise ApiError(400, f"the prompt has {len(ids)} tokens; the model's context is {s.context}",
                        "messages" if chat else "prompt", "context_length_exceeded")
-    return Job(ids, max_tokens, sampling, tuple(stop), bool(body.get("stream")), s.model_name)
+    return Job(ids, max_tokens, sampling, tuple(stop), bool(body.get("stream")), s.model_name, fastgen)
+
+
+def request_config(s: ServerSettings, policy: str | None, budget: float | None) -> FastGenConfig:
+    """The server's FastGen configuration with the request's policy and kv_budget (None: the server's), checked by
+    the rules --policy and --kv-budget follow. Raises ApiError naming the field."""
+    policy = s.policy if policy is None else policy
+    key = (policy, budget)
+    if key in s.configs:
+        return s.configs[key]
+    try:
+        bits = parse_policy(policy)
+    except TinygenError as e:
+        raise ApiError(400, str(e), "policy", "invalid_policy") from None
+    policy = "full" if bits == FULL else policy  # "full+full" too: the runner tells a full cache by its name
+    if policy == s.policy and budget in (None, s.kv_budget):
+        cfg = s.fastgen
+    else:
+        # layer budgets belong to one kv_budget (they average to it): dropped, then rebuilt from the calibration
+        cfg = replace(s.fastgen, policy=policy, layer_budgets=None)
+        if budget is not None:
+            if not cfg.budgeted:
+                why = "the budget profile (this server's auto runs --profile paper)" if policy == "auto" else \
+                    f"policy auto with the budget profile, not {policy!r}"
+                raise ApiError(400, f"kv_budget is for {why}", "kv_budget", "invalid_kv_budget")
+            cfg = replace(cfg, kv_budget=budget)
+        cfg = with_calibration(cfg, s.calibration, s.n_layers)
+    if len(s.configs) < 256:  # bounded: a client may send any number of budgets
+        s.configs[key] = cfg
+    return cfg
 
 
 def prompt_ids(body: dict, chat: bool, tok) -> list[int]:
@@ -152,8 +191,6 @@ def prompt_ids(body: dict, chat: bool, tok) -> list[int]:
             if not isinstance(m, dict) or m.get("role") not in ROLES or set(m) - {"role", "content", "name"}:
                 raise ApiError(400, f"{where} must be an object with role ({', '.join(ROLES)}) and content", where)
             rendered.append({"role": m["role"], "content": text_of(m.get("content"), where)})
-        from .errors import TinygenError
-
         try:
             return tok.encode(tok.render_chat(rendered))
         except TinygenError as e:

@@ -1,5 +1,5 @@
 """The server's engine loop: one thread owns the model, the tokenizer and one BatchRunner, and steps every running
-sequence together. Requests come in and text goes out through thread-safe hand-offs, so the HTTP side (asyncio)
+sequence together, each with its own FastGen configuration (policy, budget). Requests come in and text goes out through thread-safe hand-offs, so the HTTP side (asyncio)
 never waits on a decode step and the engine never waits on a client.
 
 A request's life: `submit` (any thread) puts it in the inbox, or refuses it when the waiting queue is full or the
@@ -22,6 +22,7 @@ from typing import Callable
 
 from .batch import BatchRunner, Sequence
 from .cache import full_kv_bytes
+from .fastgen.policy import FastGenConfig
 from .sampling import SamplingParams
 from .tokenizer import StreamDecoder
 
@@ -39,6 +40,7 @@ class Request:
     sampling: SamplingParams
     stop: tuple[str, ...]
     post: Callable[[tuple], None]  # thread-safe: hands one event to the HTTP side
+    cfg: FastGenConfig | None = None  # its own FastGen configuration (None: the runner's)
     id: int = -1
     seq: Sequence | None = None
     decoder: StreamDecoder | None = None
@@ -64,14 +66,18 @@ def unsafe_tail(text: str, stops: tuple[str, ...]) -> int:
     return 0
 
 
+def policy_label(cfg: FastGenConfig) -> str:
+    """A configuration as /metrics names it: the policy, and auto's kv_budget under the budget profile."""
+    return f"{cfg.policy}@{cfg.kv_budget:g}" if cfg.budgeted else cfg.policy
+
+
 class Engine:
     """Owns the BatchRunner that `make_runner()` builds and steps it on its own thread (`start`). `submit` and
     `cancel` are safe from any thread; `drain` (safe in a signal handler: it only sets a flag) stops admitting and
     lets the running answers finish for `grace` seconds before cancelling them; `stop` ends the thread."""
 
-    def __init__(self, make_runner: Callable[[], BatchRunner], tok, policy: str, max_waiting: int,
-                 grace: float = 10.0):
-        self.make_runner, self.tok, self.policy = make_runner, tok, policy
+    def __init__(self, make_runner: Callable[[], BatchRunner], tok, max_waiting: int, grace: float = 10.0):
+        self.make_runner, self.tok = make_runner, tok
         self.runner = make_runner()
         self.max_waiting, self.grace = max_waiting, grace
         self.cond = threading.Condition()
@@ -82,6 +88,7 @@ class Engine:
         self.ids = itertools.count()
         self.draining, self.stopping, self.drain_started = False, False, None
         self.finished: dict[str, int] = {}  # sequences ended, by reason (OpenAI's, plus "cancelled" and "error")
+        self.by_policy: dict[str, int] = {}  # sequences ended, by policy (policy_label)
         self.tokens = deque()  # (time, tokens) of recent steps: the tokens/s of the last 10 s
         self.peak = 0
         self.metrics: dict = {}
@@ -106,9 +113,10 @@ class Engine:
             self.cancels.append(req)
             self.cond.notify()
 
-    def too_large(self, prompt_tokens: int, max_tokens: int) -> bool:
-        """Whether such a request could never run under the cap, even alone (projections only: any thread)."""
-        return self.runner.too_large(self.runner.sequence(-1, [0] * prompt_tokens, max_tokens))
+    def too_large(self, prompt_tokens: int, max_tokens: int, cfg: FastGenConfig | None = None) -> bool:
+        """Whether such a request could never run under the cap, even alone, under its own FastGen configuration
+        (projections only: any thread)."""
+        return self.runner.too_large(self.runner.sequence(-1, [0] * prompt_tokens, max_tokens, cfg=cfg))
 
     def drain(self):
         self.draining = True  # no lock: a signal handler may call this while the main thread holds it
@@ -129,7 +137,7 @@ class Engine:
                 new, self.inbox = self.inbox, []
                 cancels, self.cancels = self.cancels, []
             for req in new:
-                req.seq = self.runner.submit(req.id, req.prompt, req.max_tokens, req.sampling)
+                req.seq = self.runner.submit(req.id, req.prompt, req.max_tokens, req.sampling, req.cfg)
                 req.decoder = StreamDecoder(self.tok)
                 self.active[req.id] = req
             for req in cancels:
@@ -189,22 +197,28 @@ class Engine:
             finish = "stop" if req.stopped else FINISH.get(seq.stop_reason, "stop")
             reason = "cancelled" if req.gone else finish
             self.finished[reason] = self.finished.get(reason, 0) + 1
+            label = policy_label(seq.cfg)
+            self.by_policy[label] = self.by_policy.get(label, 0) + 1
             if not req.gone:
                 req.post(("done", finish, self.usage(seq)))
 
     def usage(self, seq: Sequence) -> dict:
-        """OpenAI's token counts, plus what the sequence's caches held when it ended."""
+        """OpenAI's token counts, plus what the sequence's caches held when it ended and its own policy (kv_budget:
+        auto's kept fraction under the budget profile, else None)."""
         c, dtype = self.runner.model.cfg, self.runner.model.embed.weight.dtype
         fed = len(seq.prompt) + max(0, len(seq.out) - (seq.stop_reason != "eos"))  # the last token is never fed
         return {"prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.out),
                 "total_tokens": len(seq.prompt) + len(seq.out), "kept_fraction": round(seq.kept_fraction, 6),
                 "kv_bytes": seq.kv_bytes, "kv_bytes_full": full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim,
-                                                                         fed, dtype), "policy": self.policy}
+                                                                         fed, dtype), "policy": seq.cfg.policy,
+                "kv_budget": seq.cfg.kv_budget if seq.cfg.budgeted else None}
 
     def _fail_all(self, message: str):
         for req in self.active.values():
             if not req.gone:
                 req.post(("error", 500, message))
+            label = policy_label(req.seq.cfg)
+            self.by_policy[label] = self.by_policy.get(label, 0) + 1
         self.finished["error"] = self.finished.get("error", 0) + len(self.active)
         self.active.clear()
         self.peak = max(self.peak, self.runner.stats.peak_kv_bytes)
@@ -232,4 +246,5 @@ class Engine:
             "kv_bytes_full": row * sum(c.length * c.n_kv_heads for c in caches),
             "kv_bytes_peak": max(self.peak, r.stats.peak_kv_bytes), "kv_bytes_cap": r.cap or 0,
             "generated_tokens": r.stats.generated_tokens, "finished": dict(self.finished),
+            "by_policy": dict(self.by_policy),
         }

@@ -5,8 +5,11 @@ engine thread (engine_loop.py, which alone owns the model and the caches) and re
 as server-sent events or one JSON body. Routes: POST /v1/chat/completions and /v1/completions, GET /v1/models,
 /health, /metrics (Prometheus text) and / (the chat page, static/chat.html).
 
-Admission: a prompt past the context, or one whose projected KV could never fit under --kv-budget-mb even alone, is
-a 400; past --max-waiting queued requests, a 503 with Retry-After. A client that disconnects (or drops its stream)
+A request may bring its own `policy` and `kv_budget` (api.py: the server's FastGen configuration with those two
+replaced); the runner mixes policies in one batch, each sequence keeping what its own policy keeps.
+
+Admission: a prompt past the context, or one whose projected KV (under its own policy) could never fit under
+--kv-budget-mb even alone, is a 400; past --max-waiting queued requests, a 503 with Retry-After. A client that disconnects (or drops its stream)
 has its sequence cancelled: it leaves the batch, its caches freed, at the engine's next step. SIGINT or SIGTERM:
 new requests get 503, queued ones a 503 error, running answers finish (for up to 10 s, then they end with an error
 event), and the process exits 0. No authentication and no TLS: it binds 127.0.0.1 unless --host says otherwise;
@@ -25,6 +28,9 @@ from .engine_loop import Engine, Request, Unavailable
 
 MAX_BODY = 1 << 20  # bytes: a body past this is a 413 (a context of 8k tokens is some 40 kB of text)
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+# What /v1/models lists (the server's own first): a menu for the chat page. A request may name any policy --policy
+# takes, these or others.
+OFFERED = ("auto", "full", "local+frequent", "special+punct+frequent+local", "local", "frequent")
 
 
 def build_app(engine: Engine, settings: ServerSettings, tok):
@@ -59,7 +65,7 @@ def build_app(engine: Engine, settings: ServerSettings, tok):
         try:
             job = await run_in_threadpool(lambda raw: parse(decode_body(raw), chat, settings, tok),
                                           await read_body(request))
-            if engine.too_large(len(job.prompt), job.max_tokens):
+            if engine.too_large(len(job.prompt), job.max_tokens, job.fastgen):
                 raise ApiError(400, "this prompt and max_tokens need more KV cache than --kv-budget-mb allows, "
                                "even alone", "max_tokens", "kv_cache_too_large")
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -70,7 +76,7 @@ def build_app(engine: Engine, settings: ServerSettings, tok):
                 except RuntimeError:  # the event loop is closed: nobody is listening any more
                     pass
 
-            req = Request(job.prompt, job.max_tokens, job.sampling, job.stop, post)
+            req = Request(job.prompt, job.max_tokens, job.sampling, job.stop, post, job.fastgen)
             try:
                 engine.submit(req)
             except Unavailable as e:
@@ -145,7 +151,8 @@ def build_app(engine: Engine, settings: ServerSettings, tok):
     async def models(request):
         return reply("/v1/models", 200, {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": 0, "owned_by": "tinygen",
-            "context": settings.context, "policies": [settings.policy], "kv_budget": settings.kv_budget}]})
+            "context": settings.context, "policy": settings.policy, "kv_budget": settings.kv_budget,
+            "policies": [settings.policy, *(p for p in OFFERED if p != settings.policy)]}]})
 
     async def health(request):
         if engine.draining:
@@ -153,7 +160,7 @@ def build_app(engine: Engine, settings: ServerSettings, tok):
         return reply("/health", 200, {"status": "ok", "model": settings.model_name})
 
     async def metrics(request):
-        return PlainTextResponse(prometheus(engine.metrics, requests_total, settings.policy),
+        return PlainTextResponse(prometheus(engine.metrics, requests_total),
                                  media_type="text/plain; version=0.0.4")
 
     async def page(request):
@@ -173,7 +180,7 @@ def build_app(engine: Engine, settings: ServerSettings, tok):
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, Exception: internal})
 
 
-def prometheus(m: dict, requests_total: dict, policy: str) -> str:
+def prometheus(m: dict, requests_total: dict) -> str:
     """The engine's last snapshot and the request counts as Prometheus text."""
     lines = []
 
@@ -197,11 +204,13 @@ def prometheus(m: dict, requests_total: dict, policy: str) -> str:
                         ("cap", "--kv-budget-mb in bytes (0: no cap)")):
         metric(f"kv_bytes_{name}", "gauge", help_, [("", m[f"kv_bytes_{name}"])])
     kept = m["kv_bytes_kept"] / m["kv_bytes_full"] if m["kv_bytes_full"] else 1.0
-    metric("kept_fraction", "gauge", f"kept over full, running sequences (policy {policy})", [("", round(kept, 6))])
+    metric("kept_fraction", "gauge", "kept over full, running sequences (every policy)", [("", round(kept, 6))])
     metric("preemptions_total", "counter", "sequences preempted to free blocks (recomputed later)",
            [("", m["preemptions"])])
     metric("sequences_finished_total", "counter", "sequences ended, by finish reason",
            [(f'{{reason="{r}"}}', n) for r, n in sorted(m["finished"].items())])
+    metric("policy_sequences_finished_total", "counter", "sequences ended, by FastGen policy (auto: @kv_budget "
+           "under the budget profile)", [(f'{{policy="{p}"}}', n) for p, n in sorted(m["by_policy"].items())])
     metric("requests_total", "counter", "HTTP requests answered, by route and status",
            [(f'{{route="{r}",status="{s}"}}', n) for (r, s), n in sorted(requests_total.items())])
     return "\n".join(lines) + "\n"
@@ -213,11 +222,13 @@ def serve(a, model, tok, fastgen, sampling) -> int:
 
     from .batch import BatchRunner
 
+    from .fastgen.budget import calibration_path
+
     cap = None if a.kv_budget_mb is None else int(a.kv_budget_mb * 2**20)
     settings = ServerSettings(os.path.basename(os.path.normpath(a.model)), model.cfg.max_seq_len, a.max_new_tokens,
-                              sampling, a.policy, fastgen.kv_budget if fastgen.budgeted else None)
+                              sampling, fastgen, calibration_path(a.model, a.calibration), model.cfg.n_layers)
     engine = Engine(lambda: BatchRunner(model, tok, fastgen, sampling, a.max_new_tokens, a.batch, cap,
-                                        a.ignore_eos), tok, a.policy, a.max_waiting)
+                                        a.ignore_eos), tok, a.max_waiting)
     app = build_app(engine, settings, tok)
 
     class Server(uvicorn.Server):

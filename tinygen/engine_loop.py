@@ -1,6 +1,7 @@
 """The server's engine loop: one thread owns the model, the tokenizer and one BatchRunner, and steps every running
-sequence together, each with its own FastGen configuration (policy, budget). Requests come in and text goes out through thread-safe hand-offs, so the HTTP side (asyncio)
-never waits on a decode step and the engine never waits on a client.
+sequence together, each with its own FastGen configuration (policy, budget). Requests come in and text goes out
+through thread-safe hand-offs, so the HTTP side (asyncio) never waits on a decode step and the engine never waits on
+a client.
 
 A request's life: `submit` (any thread) puts it in the inbox, or refuses it when the waiting queue is full or the
 server is draining. The loop hands it to the runner, which admits it when its projected KV fits under the cap.

@@ -9,11 +9,11 @@ A request may bring its own `policy` and `kv_budget` (api.py: the server's FastG
 replaced); the runner mixes policies in one batch, each sequence keeping what its own policy keeps.
 
 Admission: a prompt past the context, or one whose projected KV (under its own policy) could never fit under
---kv-budget-mb even alone, is a 400; past --max-waiting queued requests, a 503 with Retry-After. A client that disconnects (or drops its stream)
-has its sequence cancelled: it leaves the batch, its caches freed, at the engine's next step. SIGINT or SIGTERM:
-new requests get 503, queued ones a 503 error, running answers finish (for up to 10 s, then they end with an error
-event), and the process exits 0. No authentication and no TLS: it binds 127.0.0.1 unless --host says otherwise;
-put a proxy in front of it to serve others.
+--kv-budget-mb even alone, is a 400; past --max-waiting queued requests, a 503 with Retry-After. A client that
+disconnects (or drops its stream) has its sequence cancelled: it leaves the batch, its caches freed, at the engine's
+next step. SIGINT or SIGTERM: new requests get 503, queued ones a 503 error, running answers finish (for up to 10 s,
+then they end with an error event), and the process exits 0. No authentication and no TLS: it binds 127.0.0.1
+unless --host says otherwise; put a proxy in front of it to serve others.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The chat page (GET / of cli.py --serve) in a real browser: Playwright driving the system's Chromium (Debian
 package `chromium`). It streams an answer from /v1/chat/completions, shows its kept fraction and KV bytes beside
-it, offers the policies the server honours, and carries the conversation into a second turn. Skips, saying why,
-where no browser is found."""
+it, offers policies (the server's own first) and sends the one picked, with a kv_budget for auto, and carries the
+conversation into the next turn. Skips, saying why, where no browser is found."""
 import json
 import os
 import shutil
@@ -42,7 +42,8 @@ def test_chat_page_streams_and_shows_the_cache(page_server):
             page = browser.new_page()
             page.goto(url + "/")
             page.wait_for_function("document.querySelectorAll('#policy option').length > 0")
-            assert page.locator("#policy option").all_inner_texts() == ["auto"]
+            offered = page.locator("#policy option").all_inner_texts()
+            assert offered[0] == "auto" and {"full", "local+frequent"} <= set(offered), offered
             page.fill("#prompt", "Hello!")
             page.click("#send")
             stats = page.locator(".assistant .stats").first
@@ -51,12 +52,23 @@ def test_chat_page_streams_and_shows_the_cache(page_server):
             assert answer == want["choices"][0]["message"]["content"]
             u = want["usage"]
             line = stats.inner_text()
-            assert f"kept {100 * u['kept_fraction']:.1f}%" in line and "policy auto" in line
+            assert f"kept {100 * u['kept_fraction']:.1f}%" in line and "policy auto at 0.7 |" in line
             assert f"KV {u['kv_bytes'] / 2**20:.2f} MiB vs full {u['kv_bytes_full'] / 2**20:.2f} MiB" in line
-            page.fill("#prompt", "And then?")  # a second turn carries the first: its prompt is longer
+            page.select_option("#policy", "full")  # another policy for the second turn, which carries the first
+            assert page.locator("#budget").is_disabled()
+            page.fill("#prompt", "And then?")
             page.click("#send")
             page.locator(".assistant .stats").nth(1).wait_for(timeout=30000)
-            assert page.locator(".user").all_inner_texts() == ["Hello!", "And then?"]
+            line = page.locator(".assistant .stats").nth(1).inner_text()
+            assert "policy full |" in line and "kept 100.0%" in line, line
+            page.select_option("#policy", "auto")  # a third at auto with its own kv_budget
+            page.fill("#budget", "0.5")
+            page.fill("#prompt", "Why?")
+            page.click("#send")
+            page.locator(".assistant .stats").nth(2).wait_for(timeout=30000)
+            line = page.locator(".assistant .stats").nth(2).inner_text()
+            assert "policy auto at 0.5 |" in line, line
+            assert page.locator(".user").all_inner_texts() == ["Hello!", "And then?", "Why?"]
             assert "error" not in page.locator("#log").inner_text()
         finally:
             browser.close()

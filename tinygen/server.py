@@ -151,7 +151,8 @@ def build_app(engine: Engine, settings: ServerSettings, tok):
     async def models(request):
         return reply("/v1/models", 200, {"object": "list", "data": [{
             "id": settings.model_name, "object": "model", "created": 0, "owned_by": "tinygen",
-            "context": settings.context, "policy": settings.policy, "kv_budget": settings.kv_budget,
+            "context": settings.context, "policy": settings.policy, "profile": settings.fastgen.profile,
+            "kv_budget": settings.kv_budget,
             "policies": [settings.policy, *(p for p in OFFERED if p != settings.policy)]}]})
 
     async def health(request):

@@ -1,9 +1,12 @@
 """Load on `cli.py --serve` over HTTP: N concurrent streaming clients (the official openai package) asking MT-Bench
 first turns, reporting requests/s, output tokens/s, time to first token and inter-token latency (p50 / p99).
 
-Three runs, each against a fresh server process (results -> bench/results/server_cpu.md):
-  capped  `auto` and `full` under a KV cap of `--cap-caches` full caches (full caches of the mean prompt plus
-          --max-tokens), --clients at once, --batch as large as the clients so the cap decides who runs;
+Four runs, each against a fresh server process (results -> bench/results/server_cpu.md):
+  capped  `auto` and `full` (--policies, one server each) under a KV cap of `--cap-caches` full caches (full caches
+          of the mean prompt plus --max-tokens), --clients at once, --batch as large as the clients so the cap
+          decides who runs;
+  mixed   one server under the same cap, its requests cycling over --policies (each request's own `policy`, and
+          `kv_budget` where written auto@B), a row for all and one per policy (not in the default --runs);
   single  one client against the server (--batch 1) beside cli.py's one-shot decode on the same prompt, alternated;
   chaos   --chaos-requests requests, 10% dropped mid-stream and 5% malformed: every other answer arrives exactly once
           and whole, no 5xx but deliberate 503s (retried after Retry-After), and the KV back to 0 at the end.
@@ -11,6 +14,7 @@ The servers run with --ignore-eos, so every answer is --max-tokens long and the 
 
     python bench/bench_server.py                       # all three, the default model, float32
     python bench/bench_server.py --runs capped --requests 64 --max-tokens 64
+    python bench/bench_server.py --runs mixed --policies full,auto,auto@0.5,local+frequent
 """
 from __future__ import annotations
 
@@ -91,8 +95,16 @@ async def malformed(port: int) -> int:
     return status
 
 
-async def one(client, model: str, prompt: str, max_tokens: int, drop_after: int | None = None) -> dict:
-    """One streamed answer: its chunk times, tokens and end; 503s are retried after their Retry-After."""
+def policy_body(name: str) -> dict:
+    """A --policies entry as a request's extra body fields: "auto@0.5" -> policy auto, kv_budget 0.5."""
+    policy, _, budget = name.partition("@")
+    return {"policy": policy, **({"kv_budget": float(budget)} if budget else {})}
+
+
+async def one(client, model: str, prompt: str, max_tokens: int, drop_after: int | None = None,
+              extra: dict | None = None) -> dict:
+    """One streamed answer: its chunk times, tokens and end; 503s are retried after their Retry-After. extra: body
+    fields of tinygen's (policy, kv_budget)."""
     import openai
 
     retries = 0
@@ -100,7 +112,8 @@ async def one(client, model: str, prompt: str, max_tokens: int, drop_after: int 
         t0 = time.perf_counter()
         try:
             stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                          max_tokens=max_tokens, temperature=0, stream=True)
+                                                          max_tokens=max_tokens, temperature=0, stream=True,
+                                                          extra_body=extra)
             break
         except openai.APIStatusError as e:
             if e.status_code != 503:
@@ -123,12 +136,13 @@ async def one(client, model: str, prompt: str, max_tokens: int, drop_after: int 
     except openai.APIError as e:  # an error event inside the stream (the engine failed a step): a server error
         return {"status": 500, "error": str(e)[:200], "retries": retries}
     return {"status": 200, "t0": t0, "times": times, "tokens": usage.completion_tokens if usage else 0,
-            "finish": finish, "ids": ids, "retries": retries}
+            "finish": finish, "ids": ids, "retries": retries, "usage": usage.model_dump() if usage else {}}
 
 
 async def load(server: Server, prompts: list[str], n: int, clients: int, max_tokens: int, drop=0.0, bad=0.0,
-               seed=0) -> dict:
-    """n requests from `clients` concurrent workers; the kinds are drawn once (seeded)."""
+               seed=0, mix: list[str] | None = None) -> dict:
+    """n requests from `clients` concurrent workers; the kinds are drawn once (seeded). mix: request i asks for
+    policy mix[i % len(mix)] (a --policies entry); None: the server's."""
     import openai
 
     rng = random.Random(seed)
@@ -147,11 +161,18 @@ async def load(server: Server, prompts: list[str], n: int, clients: int, max_tok
                 results[i] = {"status": await malformed(server.port), "kind": kind}
                 continue
             drop_after = rng.randint(1, max(1, max_tokens // 2)) if kind == "drop" else None
-            results[i] = {**await one(client, model, prompts[i % len(prompts)], max_tokens, drop_after), "kind": kind}
+            policy = mix[i % len(mix)] if mix else None
+            results[i] = {**await one(client, model, prompts[i % len(prompts)], max_tokens, drop_after,
+                                      policy_body(policy) if policy else None), "kind": kind, "policy": policy}
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(clients)))
     wall = time.perf_counter() - t0
     await client.close()
+    return summary(results, wall)
+
+
+def summary(results: dict, wall: float) -> dict:
+    """Rates and latencies of the answers among `results` that arrived."""
     done = [r for r in results.values() if r["status"] == 200]
     ttft = [r["times"][0] - r["t0"] for r in done if r["times"]]
     itl = [b - a for r in done for a, b in zip(r["times"], r["times"][1:])]
@@ -170,19 +191,28 @@ def row(name, r, peak=None, most=None):
 HEAD = "| run | answers | requests/s | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms"
 
 
-def capped(a, prompts, tok, lines):
+def prompt_lengths(a, prompts, tok) -> list[int]:
+    return [len(tok.encode(tok.render_chat([{"role": "user", "content": p}]))) for p in prompts[:a.requests]]
+
+
+def cap_of(a, prompts, tok) -> float:
+    """MiB: --cap-caches full caches of the mean prompt plus --max-tokens."""
     cfg = json.loads((Path(a.model) / "config.json").read_text())
     kv_row = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (
         cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]) * 4  # float32 K+V of one token
-    lengths = [len(tok.encode(tok.render_chat([{"role": "user", "content": p}]))) for p in prompts[:a.requests]]
-    mean = statistics.mean(lengths)
-    cap_mb = a.cap_caches * kv_row * (mean + a.max_tokens) / 2**20
+    return a.cap_caches * kv_row * (statistics.mean(prompt_lengths(a, prompts, tok)) + a.max_tokens) / 2**20
+
+
+def capped(a, prompts, tok, lines):
+    lengths = prompt_lengths(a, prompts, tok)
+    mean, cap_mb = statistics.mean(lengths), cap_of(a, prompts, tok)
     lines += [f"\n## {a.clients} clients, KV cap of {a.cap_caches:g} full caches ({cap_mb:.1f} MiB: full caches of the "
               f"mean prompt, {mean:.0f} tokens ({min(lengths)}-{max(lengths)}), plus {a.max_tokens})\n",
               HEAD + " | peak KV MiB | most running |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for policy in a.policies.split(","):
-        s = Server(a, "--policy", policy, "--kv-budget-mb", f"{cap_mb:.4f}", "--batch", a.clients,
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in policy_body(policy).items())
+        s = Server(a, *flags.split(), "--kv-budget-mb", f"{cap_mb:.4f}", "--batch", a.clients,
                    "--max-waiting", 4 * a.clients)
         asyncio.run(load(s, prompts, 2, 2, 4))  # warm-up, not counted
         most, stop = [0.0], False
@@ -201,7 +231,30 @@ def capped(a, prompts, tok, lines):
         lines.append(row(f"`{policy}`", r, m["kv_bytes_peak"], most[0]))
         print(lines[-1], f"\n  {s.cmd}", flush=True)
         s.stop()
-    lines.append(f"\nServer: `{s.cmd.replace('--policy ' + policy, '--policy P')}`")
+    lines.append(f"\nServer: `{s.cmd.replace(flags, '--policy P')}`")
+
+
+def mixed(a, prompts, tok, lines):
+    """One server under the capped run's cap; its requests cycle over --policies, a row for all and one each."""
+    mix = a.policies.split(",")
+    cap_mb = cap_of(a, prompts, tok)
+    s = Server(a, "--kv-budget-mb", f"{cap_mb:.4f}", "--batch", a.clients, "--max-waiting", 4 * a.clients)
+    asyncio.run(load(s, prompts, len(mix), len(mix), 4, mix=mix))  # warm-up, every policy, not counted
+    r = asyncio.run(load(s, prompts, a.requests, a.clients, a.max_tokens, mix=mix))
+    m = s.metrics()
+    for x in r["results"].values():  # each answer ran under the policy it asked for
+        assert x["status"] != 200 or (x["usage"]["policy"], x["usage"]["kv_budget"]) == (
+            x["policy"].partition("@")[0], policy_body(x["policy"]).get("kv_budget", x["usage"]["kv_budget"])), x
+    lines += [f"\n## {a.clients} clients, requests cycling over {', '.join(f'`{x}`' for x in mix)} on one server, KV "
+              f"cap {cap_mb:.1f} MiB (as the capped run)\n", HEAD + " | peak KV MiB |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+              row("all", r) + f" {m['kv_bytes_peak'] / 2**20:.1f} |"]
+    for policy in mix:  # each policy's share of the same wall time
+        own = summary({i: x for i, x in r["results"].items() if x["policy"] == policy}, r["wall"])
+        lines.append(row(f"`{policy}`", own) + " |")
+    lines.append(f"\nServer: `{s.cmd}`")
+    print("\n".join(lines[-len(mix) - 3:]), flush=True)
+    s.stop()
 
 
 def single(a, prompts, lines):
@@ -278,7 +331,8 @@ def main():
     p.add_argument("--quantize", default=None)
     p.add_argument("--prompts", default=str(EVAL_DIR / "mt_bench.jsonl"))
     p.add_argument("--runs", default="capped,single,chaos")
-    p.add_argument("--policies", default="full,auto")
+    p.add_argument("--policies", default="full,auto", help="capped: a server each; mixed: cycled over the requests "
+                   "of one server (auto@B: auto at kv_budget B)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=64, help="capped: requests per policy")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -301,7 +355,7 @@ def main():
              "every answer --max-tokens long (--ignore-eos); warm-up excluded"]
     for run in a.runs.split(","):
         {"capped": lambda: capped(a, prompts, tok, lines), "single": lambda: single(a, prompts, lines),
-         "chaos": lambda: chaos(a, prompts, lines)}[run]()
+         "chaos": lambda: chaos(a, prompts, lines), "mixed": lambda: mixed(a, prompts, tok, lines)}[run]()
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"-> {a.out}")
 

@@ -188,6 +188,38 @@ def test_a_request_chooses_its_own_policy(server):
     assert text == refs[3]["text"] and last.usage.model_dump()["policy"] == "local+frequent"
 
 
+def test_a_request_config_is_the_servers_with_its_policy_and_budget(default_model_dir):
+    """In-process: the server's configuration with the request's policy and kv_budget; a calibration's layer budgets
+    are rebuilt for the request's own budget (they average to one) and dropped for other policies; what --policy and
+    --kv-budget refuse is a 400 naming the field."""
+    from tinygen.api import ApiError, ServerSettings, request_config
+    from tinygen.fastgen.budget import CALIBRATION_FILE, read_calibration, with_calibration
+    from tinygen.fastgen.policy import FastGenConfig
+    from tinygen.sampling import SamplingParams
+
+    path, n = default_model_dir / CALIBRATION_FILE, json.loads((default_model_dir / "config.json").read_text())[
+        "num_hidden_layers"]
+    if not path.is_file():
+        pytest.skip(f"no calibration at {path}")
+    served = with_calibration(FastGenConfig(kv_budget=0.7), path, n)
+    s = ServerSettings("m", 256, NEW, SamplingParams(), served, path, n)
+    assert request_config(s, None, None) is served and request_config(s, "auto", 0.7) is served
+    half = request_config(s, "auto", 0.5)
+    assert half.kv_budget == 0.5 and half.layer_budgets == read_calibration(path, n).budgets(0.5) != \
+        served.layer_budgets
+    assert half == FastGenConfig(kv_budget=0.5, layer_budgets=half.layer_budgets)
+    for name in ("full", "full+full", "local+frequent"):
+        cfg = request_config(s, name, None)
+        assert cfg.policy == name.split("+full")[0] and cfg.layer_budgets is None and not cfg.budgeted
+    paper = ServerSettings("m", 256, NEW, SamplingParams(), FastGenConfig(profile="paper", threshold=0.9))
+    assert request_config(paper, "local", None).policy == "local"
+    for settings, policy, budget, field in ((s, "nonsense", None, "policy"), (s, "full+local", None, "policy"),
+                                            (s, "full", 0.5, "kv_budget"), (paper, "auto", 0.5, "kv_budget")):
+        with pytest.raises(ApiError) as e:
+            request_config(settings, policy, budget)
+        assert (e.value.status, e.value.param) == (400, field), e.value.message
+
+
 def test_16_concurrent_streams_of_mixed_policies_equal_batch_1_under_the_cap(server):
     """16 streaming clients at once, prompts of 5 to 130 tokens, cycling four policies (the server's auto at 0.7,
     full, auto at 0.5, local+frequent): each answer and kept fraction equals its batch-1 run under its own policy

@@ -229,8 +229,8 @@ def test_chat_goes_on_when_the_stats_file_cannot_be_written(chat_model, tmp_path
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     p.stdin.write(b"hi\n")
     p.stdin.flush()
-    while not p.stdout.readline().strip():  # the first answer is out
-        pass
+    while not (line := p.stdout.readline()).strip():  # the first answer is out
+        assert line, f"the chat ended: {p.stderr.read().decode()[-2000:]}"
     while not stats.exists():  # and its record is written (just after the answer's newline)
         time.sleep(0.01)
     stats.unlink()

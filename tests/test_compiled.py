@@ -26,28 +26,36 @@ def steps(model, decode, n, max_len=None):
     return torch.stack(out), caches
 
 
+def rows_kv(cache):
+    """A full cache's K and V read back through its block tables: (n_kv_heads, length, head_dim) each."""
+    k, v, _ = cache.pool.gather(torch.tensor(cache.rows()), cache.length)
+    return k[:, : cache.length], v[:, : cache.length]
+
+
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 0.0)])
 def test_static_step_equals_decode_step(tiny_model_dir, dtype, tol):
-    """Eagerly, the position-as-tensor step over whole masked buffers is the model's own decode step, across two
-    growths of the caches up to their last row (the prompt's 11 tokens get 16 spare rows: 27, then 28 + 16 = 44,
-    then max_len 51 with no row to spare at the end)."""
+    """Eagerly, the position-as-tensor step over the rows' blocks, masked, is the model's own decode step, up to the
+    caches' last slot (the prompt's 11 tokens in one block, then 40 steps over 4 blocks), and writes the same K, V,
+    positions and bits into the pool."""
     model = load_model(tiny_model_dir, dtype=dtype, prepack=False)
     want, full = steps(model, decode_step, 40, max_len=len(PROMPT) + 40)
     got, static = steps(model, CompiledDecoder(model, compile=False), 40, max_len=len(PROMPT) + 40)
-    # bfloat16: the same grouped matmuls on both paths; float32: SDPA against them
+    # bfloat16: the same grouped matmuls on both paths (float32 attention on the CPU)
     torch.testing.assert_close(got, want, atol=tol, rtol=0)
     for a, b in zip(static, full):
-        assert a.length == b.length == a.k.shape[1] == b.k.shape[1] == len(PROMPT) + 40  # every row written
-        torch.testing.assert_close(a.k, b.k, atol=tol, rtol=0)
-        torch.testing.assert_close(a.v, b.v, atol=tol, rtol=0)
-    capacities = []
-    steps(model, lambda *a: capacities.append(a[2][0].k.shape[1]) or decode_step(*a), 40)
-    assert sorted(set(capacities)) == [27, 44, 52]
+        assert a.length == b.length == a.kept == len(PROMPT) + 40  # every slot written
+        for x, y in zip(rows_kv(a), rows_kv(b)):
+            torch.testing.assert_close(x, y, atol=tol, rtol=0)
+        rows = [torch.tensor(c.rows()) for c in (a, b)]
+        assert torch.equal(*(c.pool.resident_mask(r, c.pool.max_len) for c, r in zip((a, b), rows)))
+        slots = [c.pool.gather(r, c.length)[2][:, : c.length] for c, r in zip((a, b), rows)]
+        assert torch.equal(a.pool.pos.view(-1)[slots[0]], b.pool.pos.view(-1)[slots[1]])
 
 
-def test_spare_rows_are_zero(tiny_model_dir):
-    """Masked rows still multiply their values by 0: garbage there (NaN) would poison the output. Under
-    deterministic algorithms torch fills uninitialized memory with NaN, so rows left unwritten would show."""
+def test_unwritten_slots_are_zero(tiny_model_dir):
+    """Masked slots still multiply their values by 0: garbage there (NaN) would poison the output. Under
+    deterministic algorithms torch fills uninitialized memory with NaN, so slots a block was handed out with
+    unwritten would show."""
     model = load_model(tiny_model_dir)
     torch.use_deterministic_algorithms(True)
     try:
@@ -55,12 +63,14 @@ def test_spare_rows_are_zero(tiny_model_dir):
     finally:
         torch.use_deterministic_algorithms(False)
     c = caches[0]
-    assert c.k.shape[1] > c.length and (c.k[:, c.length :] == 0).all() and (c.v[:, c.length :] == 0).all()
+    held = len(c.pool.blocks[c.rows()[0]]) * c.pool.block_size
+    k, v, _ = c.pool.gather(torch.tensor(c.rows()), held)
+    assert held > c.length and (k[:, c.length :] == 0).all() and (v[:, c.length :] == 0).all()
 
 
 def test_compiled_step_matches_eager(tiny_model_dir):
-    """torch.compile (Inductor, freezing) of the same step: the same logits to float32 rounding, across growths of
-    the caches (a new capacity each time) with one compilation."""
+    """torch.compile (Inductor, freezing) of the same step: the same logits to float32 rounding, as the rows take
+    new blocks (a new dynamic size each time), with one compilation."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = load_model(tiny_model_dir, prepack=False)
@@ -74,7 +84,7 @@ def test_compiled_step_matches_eager(tiny_model_dir):
     want, _ = steps(model, CompiledDecoder(model, compile=False), 40)
     assert decoder.compiled, "compiling failed and the decoder fell back"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
-    assert caches[0].k.shape[1] >= len(PROMPT) + 40
+    assert len(caches[0].pool.blocks[caches[0].rows()[0]]) == 4  # 52 slots
     assert counters["stats"]["unique_graphs"] == 1, "no recompilation as the caches grew"
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from tinygen.cache import FullCache, attention_paths
+from tinygen.cache import FullRows, attention_paths
+from tinygen.kvpool import KVPool
+from tinygen.paged import PagedBatch
 from tinygen.errors import TinygenError
 from tinygen.generate import decode_step, full_caches, prefill
 from tinygen.kernels import triton_available
@@ -57,8 +59,12 @@ def test_cuda_sdpa_prefill_matches_blockwise(groups):
     g = torch.Generator().manual_seed(0)
     chunks = [[torch.randn(n_kv * groups if i == 0 else n_kv, T, head_dim, generator=g) for i in range(3)]
               for T in (100, 37)]
-    caches = [FullCache(n_kv, head_dim, max_len, torch.device("cpu"), torch.float32, paths=(p, "torch"))
-              for p in ("blocks", "sdpa")]
+    caches = []
+    for path in ("blocks", "sdpa"):
+        paged = PagedBatch(KVPool(64, 16, head_dim, n_kv, max_len, torch.device("cpu"), torch.float32), 1,
+                           n_kv * groups, n_kv)
+        caches.append(FullRows(paged, 0, 0, n_kv))
+        caches[-1].prefill_path = path
     for q, k, v in chunks:
         want, got = (c.attend(q, k, v) for c in caches)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -73,7 +79,7 @@ def test_cuda_model_matches_cpu(tiny_model_dir, dtype, tol):
     gpu = load_model(tiny_model_dir, "cuda", dtype)
     prompt = list(range(3, 60))
     caches = {m: full_caches(m, 96) for m in (cpu, gpu)}
-    assert caches[gpu][0].decode_path == attention_paths(torch.device("cuda"))[1]
+    assert caches[gpu][0].paged.kernel == (attention_paths(torch.device("cuda"))[1] == "triton")
     want, got = prefill(cpu, prompt, caches[cpu]), prefill(gpu, prompt, caches[gpu])
     for step in range(20):
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)

@@ -183,7 +183,7 @@ def test_budget_stores_per_head_ratios_300_steps(device, force_options):
                Option(FREQUENT, 0, 0.55)]
     assert all(o in MENU for o in options)
     force_options(options)
-    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, head_floor=0.0, growth_block=4,
+    cfg = FastGenConfig(profile="budget", kv_budget=0.5, observation=8, head_floor=0.0,
                         shapes="profile")
     cache, ref = run(cfg, device, steps=300, seed=4)
     assert cache.options == options and len(cache.stores) == 4
@@ -199,7 +199,7 @@ def test_budget_stores_per_head_ratios_300_steps(device, force_options):
 def test_budget_profile_keeps_what_it_promised(device, kv_budget):
     """Unpatched: the set each head stores at prefill recovers exactly the observation attention its option was
     chosen for, and the layer keeps about kv_budget of the tokens."""
-    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, observation=12, head_floor=0.0, growth_block=4,
+    cfg = FastGenConfig(profile="budget", kv_budget=kv_budget, observation=12, head_floor=0.0,
                         shapes="profile")
     cache, ref = run(cfg, device, steps=0, seed=9)
     L, first = L0, L0 - 12
@@ -217,7 +217,7 @@ def test_budget_profile_keeps_what_it_promised(device, kv_budget):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_default_floor_keeps_every_head_at_the_budget(device):
-    cfg = FastGenConfig(profile="budget", kv_budget=0.5, growth_block=4)
+    cfg = FastGenConfig(profile="budget", kv_budget=0.5)
     assert cfg.head_floor == 1.0
     cache, _ = run(cfg, device, steps=20, seed=2)
     assert {o.local_ratio + o.frequent_ratio for o in cache.options} == {0.5}
@@ -307,6 +307,7 @@ def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model
     from tinygen.fastgen.cache import FastGenCache
     from tinygen.generate import prefill
     from tinygen.loader import load_model
+    from tinygen.paged import lone_batch
 
     model = load_model(tiny_model_dir)
     c = model.cfg
@@ -321,12 +322,14 @@ def test_floor_one_plans_each_layer_alone_with_the_model_wide_choices(tiny_model
             kinds.append(ids)
             if shared:  # one planner for every layer, whatever the floor
                 planner = BudgetPlanner(c.n_layers, kv_budget, floor, shape_menu(shapes))
-                caches = [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, L + 1, kinds, cfg, planner)
-                          for _ in range(c.n_layers)]
+                paged = lone_batch(model, L + 1)
+                caches = [FastGenCache(paged, 0, i, c.n_heads, c.n_kv_heads, kinds, cfg, planner)
+                          for i in range(c.n_layers)]
+                paged.set_batch([(0, caches)])
             else:
                 caches = fastgen_caches(model, kinds, cfg, L + 1)
-            waiting = []  # after each layer's prefill: how many layers still hold their prompt K/V
-            prefill(model, ids, caches, on_layer=lambda i: waiting.append(sum(x.pending is not None for x in caches)))
+            waiting = []  # after each layer's prefill: how many layers' rows still hold their whole prompt
+            prefill(model, ids, caches, on_layer=lambda i: waiting.append(sum(x.pending for x in caches)))
             expect = list(range(1, c.n_layers)) + [0] if shared else [0] * c.n_layers
             assert waiting == expect
             options.append([o for x in caches for o in x.options])

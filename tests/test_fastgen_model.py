@@ -61,20 +61,15 @@ def test_auto_holds_fewer_physical_bytes_in_line_with_kept_fraction(engine):
     full = full_kv_bytes(model.cfg.n_layers, model.cfg.n_kv_heads, model.cfg.head_dim, length, torch.float32)
     kept = kept_fraction(caches)
     held = sum(c.nbytes() for c in caches)
-    # exact bytes of what is kept (K, V rows, their positions, fp32 scores) plus the fixed-size bitmaps
-    row_k_v, kept_bytes, slack = 2 * model.cfg.head_dim * 4, 0, 0
-    for c in caches:
-        for s in c.stores:
-            heads = s.kv_index.numel()
-            per_row = row_k_v + 4 + (4 if s.policy & FREQUENT else 0)
-            fixed = s.bitmap.nbytes + s.free.nbytes
-            kept_bytes += heads * s.kept * per_row + fixed
-            slack += heads * s.block_rows(s.kept) * per_row
-            assert s.k.shape[1] - s.kept <= s.block_rows(s.kept)
+    pool = caches[0].pool
+    assert held == pool.used_blocks() * pool.block_bytes()  # the pool's blocks in use: its only sequence's
+    # each row holds the blocks of its kept slots and of the next token's: per slot K, V, position, flag, score
+    slot_bytes, bs = 2 * model.cfg.head_dim * 4 + 4 + 1 + 4, pool.block_size
+    assert pool.block_bytes() == bs * slot_bytes == pool.k[0].nbytes + pool.v[0].nbytes + pool.pos[0].nbytes + \
+        pool.prot[0].nbytes + pool.score[0].nbytes
+    kept_bytes = sum(len(s.kv_heads) * s.kept * slot_bytes for c in caches for s in c.stores)
+    slack = sum(len(s.kv_heads) * bs * slot_bytes for c in caches for s in c.stores)
     assert kept < 0.9, "auto should compress real prose"
     assert kept_bytes <= held <= kept_bytes + slack
     assert held < full
-    # the K/V bytes alone follow the kept fraction (positions and scores add 4-8 bytes per 512-byte row)
-    kv_only = sum(s.k.untyped_storage().nbytes() + s.v.untyped_storage().nbytes() for c in caches for s in c.stores)
-    assert kv_only <= kept * full + slack * row_k_v / (row_k_v + 4)
     assert held <= full * (kept + 0.1)

@@ -1,6 +1,7 @@
 """FastGen's compressed cache on synthetic tensors (no model): hundreds of random decode steps with mixed policies,
 checked at every step against a dense reference over exactly the tokens each KV head holds, and the budgets,
-protection, eviction order, bookkeeping (bitmaps, rows, scores) and physical size."""
+protection, eviction order, bookkeeping (bitmaps, slots, scores) and physical size (the pool blocks its rows hold).
+A cache here is one layer of a sequence on its own: a batch of one in a pool that starts small and doubles."""
 import math
 
 import pytest
@@ -9,8 +10,10 @@ import torch
 import tinygen.fastgen.cache as fg_cache
 from conftest import DEVICES
 from tinygen.attention import dense_attention
-from tinygen.cache import FullCache
+from tinygen.cache import FullRows
 from tinygen.fastgen.cache import FastGenCache
+from tinygen.kvpool import KVPool
+from tinygen.paged import PagedBatch
 from tinygen.fastgen.kinds import TokenKinds
 from tinygen.fastgen.policy import CANDIDATES, FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
 from tinygen.fastgen.profile import recoveries_dense
@@ -32,10 +35,16 @@ def expected_budgets(policy: int, L: int, kinds: list[int], cfg: FastGenConfig):
     return w, b, w + prot + min(b, L - w - prot)
 
 
-def growth_rows(kept: int, cfg: FastGenConfig) -> int:
-    """Spare rows a store may hold beyond what it keeps: one growth block, which is at least cfg.growth_block and
-    1/16 of what the store holds (PolicyStore.block_rows)."""
-    return max(cfg.growth_block, kept // 16)
+def lone(max_len: int, device, block_size: int = 16, first_blocks: int = 4) -> PagedBatch:
+    """A batch of one for one layer: a pool of `first_blocks` blocks that doubles when they run out."""
+    pool = KVPool(first_blocks, block_size, HD, N_KV, max_len, torch.device(device), torch.float32, growable=True)
+    return PagedBatch(pool, 1, N_HEADS, N_KV)
+
+
+def one_layer(cache_type, paged: PagedBatch, *args):
+    cache = cache_type(paged, 0, 0, *args)
+    paged.set_batch([(0, [cache])])
+    return cache
 
 
 def resident(cache: FastGenCache, L: int) -> torch.Tensor:
@@ -66,7 +75,7 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
     mask = resident(cache, L)
     kinds = torch.tensor(ref.kinds[:L], dtype=torch.uint8)
     assert cache.kept_tokens() == int(mask.sum())
-    total_bytes, fixed_bytes, bound = cache.nbytes(), 0, 0
+    bound = 0
     for s in cache.stores:
         policy, heads = s.policy, s.kv_index.cpu().tolist()
         assert all(cache.policies[h] == policy for h in heads)
@@ -75,25 +84,26 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
         prot = (kinds & protect) != 0
         outside = torch.arange(L) < L - w
         # bitmap: nothing set beyond the length, popcount == kept, the same for every head of the store
-        full_bits = s.resident_mask(s.bitmap.shape[1] * 8).cpu()
+        full_bits = s.resident_mask(cache.pool.bitmap.shape[1] * 8).cpu()
         assert not full_bits[:, L:].any()
         assert (full_bits.sum(1) == s.kept).all(), (policy, full_bits.sum(1), s.kept)
         if before is None:
             assert s.kept == most
         else:
             assert s.kept == min(int(before[heads[0]].sum()), most), (policy, L)
-        # the rows: positions in use are exactly the set bits, and hold that token's K, V (and score)
-        rows = list(range(s.kept + 1 if s.hole else s.kept))
-        assert s.k.shape[1] <= min(s.max_len, s.kept + growth_rows(s.kept, s.cfg))
+        # the slots: positions in use are exactly the set bits, and hold that token's K, V (and score)
+        kv = cache.pool
         for i, h in enumerate(heads):
-            r = [x for x in rows if not (s.hole and x == int(s.free[i]))]
+            freed = int(kv.freed[s.rows[i]])
+            r = [x for x in range(s.kept + 1 if s.hole else s.kept) if not (s.hole and x == freed)]
             assert len(r) == s.kept
-            pos = s.pos[i, r].long().cpu()
+            k, v, pos, _, score = s._read(torch.tensor(r, dtype=torch.long, device=kv.k.device).expand(len(heads), -1))
+            pos = pos[i].long().cpu()
             assert sorted(pos.tolist()) == mask[h].nonzero()[:, 0].tolist(), (policy, h, L)
-            assert torch.equal(s.k[i, r], ref.K[h, pos.to(s.k.device)])
-            assert torch.equal(s.v[i, r], ref.V[h, pos.to(s.v.device)])
+            assert torch.equal(k[i], ref.K[h, pos.to(k.device)])
+            assert torch.equal(v[i], ref.V[h, pos.to(v.device)])
             if policy & FREQUENT:
-                torch.testing.assert_close(s.score[i, r].cpu().double(), ref.score[h, pos], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(score[i].cpu().double(), ref.score[h, pos], atol=1e-5, rtol=1e-5)
             # budgets
             m = mask[h]
             if policy & FULL:
@@ -118,18 +128,14 @@ def check_state(cache: FastGenCache, ref: Reference, L: int, cfg: FastGenConfig,
                         assert mean[gone].max() <= lowest + 1e-6, (policy, L, gone, lowest)
                     else:  # the oldest (the token that just left the window, or a new unprotected token)
                         assert torch.equal(gone, evictable.nonzero()[: len(gone), 0]), (policy, L, gone)
-        # physical size: every per-row tensor (K, V, pos, score, any per-row flags) has the same capacity, never
-        # more than kept + one growth block; per row: K and V, an int32 position, an fp32 score with `frequent`,
-        # and at most one byte of flags
-        fixed_bytes += s.bitmap.nbytes + s.free.nbytes
-        cap = s.k.shape[1]
-        row_tensors = [t for t in s.tensors() if t is not s.bitmap and t is not s.free]
-        assert all(t.shape[:2] == (len(heads), cap) for t in row_tensors)
-        row_bytes = sum(t.untyped_storage().nbytes() for t in row_tensors) // (len(heads) * cap)
-        kv_bytes = 2 * HD * s.k.element_size()
-        assert kv_bytes <= row_bytes <= kv_bytes + 4 + (4 if policy & FREQUENT else 0) + 1, (policy, row_bytes)
-        bound += len(heads) * (s.kept + growth_rows(s.kept, s.cfg)) * row_bytes
-    assert total_bytes - fixed_bytes <= bound
+        # physical size: each row holds the blocks of its slots in use and of the next token's slot, no more
+        bs = cache.pool.block_size
+        for row in s.rows:
+            held = len(cache.pool.blocks[row])
+            assert -(-s.kept // bs) <= held <= -(-(s.kept + 1) // bs), (policy, s.kept, held)
+        bound += len(heads) * -(-(s.kept + 1) // bs) * cache.pool.block_bytes()
+    cache.pool.check()
+    assert cache.nbytes() == cache.pool.used_blocks() * cache.pool.block_bytes() <= bound
     return mask
 
 
@@ -173,7 +179,7 @@ def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_polic
     tk.append(ids)
     ref = Reference(max_len, dev)
     ref.kinds = [VOCAB[i] for i in ids]
-    cache = FastGenCache(N_HEADS, N_KV, HD, max_len, tk, cfg)
+    cache = one_layer(FastGenCache, lone(max_len, device), N_HEADS, N_KV, tk, cfg)
 
     q = (torch.randn(N_HEADS, L0, HD, generator=g) * 1.5).to(dev)
     k = torch.randn(N_KV, L0, HD, generator=g).to(dev)
@@ -214,13 +220,12 @@ def run(cfg: FastGenConfig, device: str, steps: int, seed: int = 0, expect_polic
             stored = float(attn[h][:, mask[h]].sum()) / L0
             assert stored == pytest.approx(float(cache.recovery[h, CANDIDATES.index(policy)]), abs=1e-5)
 
-    caps = [s.k.shape[1] for s in cache.stores]
+    blocks = cache.pool.n_blocks
     for step in range(steps):
         T = chunks.get(step, 1)
         mask = feed(cache, ref, tk, g, dev, mask, T, cfg, f"step {step}")
-        new_caps = [s.k.shape[1] for s in cache.stores]
-        ref.grew += sum(a > b for a, b in zip(new_caps, caps))
-        caps = new_caps
+        ref.grew += cache.pool.n_blocks > blocks
+        blocks = cache.pool.n_blocks
     return cache, ref
 
 
@@ -254,10 +259,10 @@ def one_thread():
 def test_mixed_policies_300_steps(device, mix, force_policies):
     policies, (r_l, r_f) = MIXED[mix]
     force_policies(policies)
-    cfg = FastGenConfig(policy="auto", profile="paper", local_ratio=r_l, frequent_ratio=r_f, growth_block=4)
+    cfg = FastGenConfig(policy="auto", profile="paper", local_ratio=r_l, frequent_ratio=r_f)
     cache, ref = run(cfg, device, steps=300, seed=len(mix), expect_policies=policies)
     assert len(cache.stores) == len(set(policies))
-    assert ref.grew > 0, "stores grew during decoding"
+    assert ref.grew > 0, "the pool grew during decoding"
     # something was evicted from every compressible head
     for s in cache.stores:
         if s.policy != FULL:
@@ -268,7 +273,7 @@ def test_mixed_policies_300_steps(device, mix, force_policies):
 @pytest.mark.parametrize("ratios", [(0.5, 0.05), (0.0, 0.0), (1.0, 1.0)])
 def test_mixed_policies_extreme_ratios(device, ratios, force_policies):
     force_policies([LOCAL, FREQUENT, SPFL, SPECIAL])
-    cfg = FastGenConfig(profile="paper", local_ratio=ratios[0], frequent_ratio=ratios[1], growth_block=3)
+    cfg = FastGenConfig(profile="paper", local_ratio=ratios[0], frequent_ratio=ratios[1])
     cache, _ = run(cfg, device, steps=100, seed=7)
     kept = {s.policy: s.kept for s in cache.stores}
     L = cache.length
@@ -284,7 +289,7 @@ def test_mixed_policies_extreme_ratios(device, ratios, force_policies):
                                     "special+punct+frequent+local", "local", "frequent", "local+frequent",
                                     "punct", "full"])
 def test_fixed_policy_every_head(device, policy):
-    cfg = FastGenConfig(policy=policy, growth_block=4)
+    cfg = FastGenConfig(policy=policy)
     cache, _ = run(cfg, device, steps=60, seed=3)
     assert len(cache.stores) == 1 and cache.stores[0].kv_index.tolist() == list(range(N_KV))
     assert cache.recovery is None
@@ -297,31 +302,39 @@ def test_auto_policies_follow_profile(device, threshold, expected):
     """Unpatched auto: recoveries equal the dense reference (checked in run) and each head gets the first candidate
     reaching T. This seed's recoveries (rows: KV heads; S, SP, SPF, SPFL, full):
     [.252 .325 .814 .950 1], [.228 .311 .875 .975 1], [.180 .273 .836 .958 1], [.170 .243 .835 .954 1]."""
-    cfg = FastGenConfig(profile="paper", threshold=threshold, growth_block=4)
+    cfg = FastGenConfig(profile="paper", threshold=threshold)
     cache, _ = run(cfg, device, steps=40, seed=11)
     assert cache.policies == expected
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_full_policy_equals_full_cache(device):
+    """FastGen's `full` policy and the plain full cache (FullRows): the same attention as dense attention over every
+    token, 300 steps, every token held in blocks that never hold more than the tokens need."""
     torch.manual_seed(5)
     steps, max_len = 300, L0 + 300
     tk = TokenKinds(VOCAB, max_len, torch.device(device))
     tk.append(torch.randint(0, len(VOCAB), (L0,)).tolist())
-    fg = FastGenCache(N_HEADS, N_KV, HD, max_len, tk, FastGenConfig(policy="full", growth_block=4))
-    full = FullCache(N_KV, HD, max_len, torch.device(device), torch.float32)
+    fg = one_layer(FastGenCache, lone(max_len, device), N_HEADS, N_KV, tk, FastGenConfig(policy="full"))
+    full = one_layer(FullRows, lone(max_len, device), N_KV)
     q, k, v = torch.randn(N_HEADS, L0, HD), torch.randn(N_KV, L0, HD), torch.randn(N_KV, L0, HD)
     q, k, v = q.to(device), k.to(device), v.to(device)
-    torch.testing.assert_close(fg.attend(q, k, v), full.attend(q, k, v), atol=1e-6, rtol=1e-6)
+    K, V = k, v
+    want, _ = dense_attention(q, K, V, torch.ones(L0, L0, dtype=torch.bool, device=device).tril())
+    torch.testing.assert_close(fg.attend(q, k, v), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(full.attend(q, k, v), want, atol=1e-6, rtol=1e-6)
     for step in range(steps):
         tk.append([int(torch.randint(0, len(VOCAB), (1,)))])
         q = torch.randn(N_HEADS, 1, HD, device=device) * 2
         k, v = torch.randn(N_KV, 1, HD, device=device), torch.randn(N_KV, 1, HD, device=device)
-        torch.testing.assert_close(fg.attend(q, k, v), full.attend(q, k, v), atol=1e-6, rtol=1e-6,
-                                   msg=lambda m: f"step {step}: {m}")
-    assert fg.length == full.length == max_len
-    assert fg.kept_tokens() == N_KV * max_len
-    assert fg.stores[0].k.shape[1] <= max_len + 4
+        K, V = torch.cat([K, k], 1), torch.cat([V, v], 1)
+        want, _ = dense_attention(q, K, V)
+        for c in (fg, full):
+            torch.testing.assert_close(c.attend(q, k, v), want, atol=1e-6, rtol=1e-6, msg=lambda m: f"step {step}: {m}")
+    for c in (fg, full):
+        assert c.length == max_len and c.kept_tokens() == N_KV * max_len
+        assert c.nbytes() == N_KV * -(-max_len // 16) * c.pool.block_bytes()  # the last step's slot: its own block
+        assert torch.equal(c.pool.resident_mask(torch.tensor(c.rows()), max_len + 8).sum(1), torch.full((N_KV,), max_len))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -332,7 +345,7 @@ def test_chunks_after_decoding(device, mix, force_policies):
     decoding goes on from the compacted store (including right after an eviction left a freed row)."""
     policies, (r_l, r_f) = MIXED[mix]
     force_policies(policies)
-    cfg = FastGenConfig(policy="auto", profile="paper", local_ratio=r_l, frequent_ratio=r_f, growth_block=4)
+    cfg = FastGenConfig(policy="auto", profile="paper", local_ratio=r_l, frequent_ratio=r_f)
     chunks = {5: 2, 20: 37, 21: 3, 60: 150}
     cache, _ = run(cfg, device, steps=80, seed=len(mix) + 1, expect_policies=policies, chunks=chunks)
     assert cache.length == L0 + 80 + sum(T - 1 for T in chunks.values())
@@ -344,12 +357,12 @@ def test_chunks_after_decoding(device, mix, force_policies):
 @pytest.mark.parametrize("policy", ["frequent", "local+frequent", "special+punct", "full"])
 def test_chunk_right_after_prompt_and_budget_profile(policy):
     """A chunk as the first thing after the prompt (no decode step between), for fixed policies."""
-    cfg = FastGenConfig(policy=policy, growth_block=4)
+    cfg = FastGenConfig(policy=policy)
     run(cfg, "cpu", steps=10, seed=2, chunks={0: 40, 9: 5})
 
 
 def test_chunk_budget_profile():
     """Chunks into the budget profile's stores (per-head ratios): the kept fraction stays near the budget."""
-    cfg = FastGenConfig(policy="auto", kv_budget=0.5, growth_block=4)
+    cfg = FastGenConfig(policy="auto", kv_budget=0.5)
     cache, _ = run(cfg, "cpu", steps=12, seed=4, chunks={0: 25, 6: 60})
     assert cache.kept_tokens() / (cache.length * N_KV) == pytest.approx(0.5, abs=0.05)

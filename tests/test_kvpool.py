@@ -1,9 +1,10 @@
 """The paged KV pool (tinygen/kvpool.py) and the batch's decode step through it (tinygen/paged.py) on synthetic
 tensors: sequences of different lengths and policies (full, the paper's mixes with special/punct-only heads, the
 budget profile, fixed policies, and a batch mixing them) join and leave; every step must give each sequence what its
-caches give it stepping alone (the batch-1 code: FullCache, FastGen's PolicyStores) and what dense attention over
-exactly the tokens each row's bitmap holds gives; blocks are owned by one row at most and come back when a sequence
-leaves; the pool's byte figures are its tensors' storage."""
+caches give it stepping alone (a batch of one in a pool of its own) and what dense attention over exactly the tokens
+each row's bitmap holds gives; blocks are owned by one row at most and come back when a sequence leaves; the pool's
+byte figures are its tensors' storage. The same harness runs the batch through the Triton paged kernel (under
+Triton's interpreter on the CPU), its sequences alone through the PyTorch path."""
 import itertools
 
 import pytest
@@ -12,12 +13,13 @@ from conftest import DEVICES
 
 import tinygen.fastgen.cache as fg_cache
 from tinygen.attention import dense_attention
-from tinygen.cache import FullCache, storage_bytes
+from test_triton_paged import kernels  # noqa: F401  (a fixture: the kernel module under the interpreter)
+from tinygen.cache import FullRows, storage_bytes
 from tinygen.fastgen.cache import FastGenCache
 from tinygen.fastgen.kinds import TokenKinds
 from tinygen.fastgen.policy import FREQUENT, FULL, LOCAL, PUNCT, SPECIAL, FastGenConfig
 from tinygen.kvpool import KVPool, PoolFull
-from tinygen.paged import FullRows, PagedBatch, adopt_stores
+from tinygen.paged import PagedBatch
 
 N_HEADS, N_KV, HD = 8, 4, 8
 VOCAB = [SPECIAL if i < 3 else PUNCT if i < 10 else 0 for i in range(50)]  # ids 0-2 special, 3-9 punctuation
@@ -40,44 +42,40 @@ SCENARIOS = {  # per sequence, its config (None: the full cache)
 
 
 class Sequence:
-    """One sequence twice: caches that step alone (batch-1 code) and rows in the pool, with the same prompt, kinds
-    and new tokens, and its dense K/V history."""
+    """One sequence twice: caches that step alone (a batch of one, its own pool, the PyTorch path) and rows in the
+    shared pool, with the same prompt, kinds and new tokens, and its dense K/V history."""
 
     def __init__(self, L0, cfg, g, dev, paged: PagedBatch, slot: int):
         self.cfg, self.slot = cfg, slot
         self.ids = torch.randint(0, 50, (MAX_LEN,), generator=g).tolist()
         self.K, self.V = torch.randn(2, N_KV, MAX_LEN, HD, generator=g).to(dev)
         q = torch.randn(N_HEADS, L0, HD, generator=g).to(dev)
+        pool = KVPool(4, BLOCK, HD, N_KV, MAX_LEN, torch.device(dev), torch.float32, growable=True)
+        lone = PagedBatch(pool, 1, N_HEADS, N_KV, kernel=False)
         if cfg is None:
-            self.alone = FullCache(N_KV, HD, MAX_LEN, torch.device(dev), torch.float32)
-            self.pooled = FullRows(paged.pool, [paged.row(slot, 0, h) for h in range(N_KV)])
+            self.alone, self.pooled = FullRows(lone, 0, 0, N_KV), FullRows(paged, slot, 0, N_KV)
         else:
-            self.alone, self.pooled = [FastGenCache(N_HEADS, N_KV, HD, MAX_LEN,
+            self.alone, self.pooled = [FastGenCache(b, i, 0, N_HEADS, N_KV,
                                                     TokenKinds(VOCAB, MAX_LEN, torch.device(dev)), cfg)
-                                       for _ in range(2)]
+                                       for b, i in ((lone, 0), (paged, slot))]
+        lone.set_batch([(0, [self.alone])])
         for c in (self.alone, self.pooled):
             if cfg is not None:
                 c.kinds.append(self.ids[:L0])
-            c.attend(q, self.K[:, :L0], self.V[:, :L0])
+            c.attend(q, self.K[:, :L0], self.V[:, :L0])  # the pooled one straight into the shared pool
         if cfg is not None:
             assert self.alone.policies == self.pooled.policies
-            adopt_stores(paged.pool, [self.pooled], lambda layer, h: paged.row(slot, layer, h))
 
     def resident_alone(self):
         c = self.alone
-        if self.cfg is None:
-            return torch.ones(N_KV, c.length, dtype=torch.bool, device=self.K.device)
-        mask = torch.zeros(N_KV, c.length, dtype=torch.bool, device=self.K.device)
-        for s in c.stores:
-            mask[s.kv_index] = s.resident_mask(c.length)
-        return mask
+        return c.pool.resident_mask(torch.tensor(c.rows(), device=self.K.device), c.length)
 
     def resident_pooled(self, paged):
         rows = torch.tensor([paged.row(self.slot, 0, h) for h in range(N_KV)], device=self.K.device)
         return paged.pool.resident_mask(rows, self.pooled.length)
 
     def kept(self, cache):
-        return [s.kept for s in cache.stores] if self.cfg is not None else [cache.length]
+        return [s.kept for s in cache.stores]
 
 
 def pool_bytes(pool: KVPool) -> int:
@@ -87,12 +85,23 @@ def pool_bytes(pool: KVPool) -> int:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_paged_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
+    run_scenario(device, scenario, monkeypatch, kernel=False)
+
+
+@pytest.mark.parametrize("scenario", ["full", "all-kinds"])
+def test_the_kernel_path_equals_each_sequence_alone(kernels, scenario, monkeypatch):  # noqa: F811
+    """The batch attends through the Triton paged kernel and its score update (on CUDA, or under the interpreter
+    on the CPU): the same answers, residency and kept counts as each sequence alone on the PyTorch path."""
+    run_scenario("cuda" if torch.cuda.is_available() else "cpu", scenario, monkeypatch, kernel=True)
+
+
+def run_scenario(device, scenario, monkeypatch, kernel: bool):
     forced = itertools.chain.from_iterable([m, m] for m in MIXES)  # alone and pooled twins, in order
     monkeypatch.setattr(fg_cache, "choose_policies", lambda rec, threshold: list(next(forced)))
     g = torch.Generator().manual_seed(len(scenario))
     # blocks for about 3 sequences at full length: the late joins take the blocks of those that left
     pool = KVPool(3 * N_KV * (MAX_LEN // BLOCK), BLOCK, HD, 4 * N_KV, MAX_LEN, torch.device(device), torch.float32)
-    paged = PagedBatch(pool, 1, N_HEADS, N_KV)
+    paged = PagedBatch(pool, 1, N_HEADS, N_KV, kernel=kernel)
     assert pool.nbytes() == pool_bytes(pool)
     free_slots, running, seqs = [3, 2, 1, 0], [], {}
     for step in range(STEPS):
@@ -107,7 +116,7 @@ def test_paged_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
                 running.append(seqs[i])
         pool.check()
         for s in running:
-            paged.reserve([s.pooled], s.slot)
+            paged.reserve([s.pooled])
         pool.check()
         held = sum(len(pool.blocks[r]) for s in running for r in paged.slot_rows(s.slot))
         assert pool.used_blocks() == held and held + len(pool.free) == pool.n_blocks
@@ -163,12 +172,14 @@ def test_pool_full_leaves_rows_consistent():
     assert pool.tables[2, :3].tolist() == pool.blocks[2] and 0 not in pool.blocks[2]  # the null block is nobody's
 
 
-def test_a_sequences_caches_own_no_bytes_once_in_the_pool():
-    """What a server's metrics sum (each running sequence's caches' nbytes, plus the pool's): the rows are the
-    pool's alone, for a full sequence and for FastGen stores once adopted."""
+def test_a_sequences_caches_bytes_are_the_blocks_its_rows_hold():
+    """What a sequence's caches report (nbytes) is the pool blocks its rows hold: a full sequence's and a FastGen
+    one's sum to the pool's blocks in use, and a budget of 0.5 holds about half as many."""
     g = torch.Generator().manual_seed(0)
-    pool = KVPool(64, BLOCK, HD, 2 * N_KV, MAX_LEN, torch.device("cpu"), torch.float32)
+    pool = KVPool(96, BLOCK, HD, 2 * N_KV, MAX_LEN, torch.device("cpu"), torch.float32)  # both prompts whole
     paged = PagedBatch(pool, 1, N_HEADS, N_KV)
-    full = Sequence(20, None, g, "cpu", paged, 0)
-    auto = Sequence(20, FastGenConfig(kv_budget=0.5, observation=8), g, "cpu", paged, 1)
-    assert full.pooled.nbytes() == 0 and auto.pooled.nbytes() == 0 and pool.used_blocks() > 0
+    full = Sequence(40, None, g, "cpu", paged, 0)
+    auto = Sequence(40, FastGenConfig(kv_budget=0.5, observation=8), g, "cpu", paged, 1)
+    assert full.pooled.nbytes() == N_KV * 10 * pool.block_bytes()  # 40 tokens: 10 blocks of 4 per row
+    assert auto.pooled.nbytes() == N_KV * 5 * pool.block_bytes()  # 20 kept: the prompt's other blocks given back
+    assert full.pooled.nbytes() + auto.pooled.nbytes() == pool.used_blocks() * pool.block_bytes()

@@ -4,7 +4,9 @@ import torch
 from conftest import DEVICES, save_tiny_model
 
 from tinygen.attention import causal_attention, dense_attention
-from tinygen.cache import FullCache
+from tinygen.cache import FullRows
+from tinygen.kvpool import KVPool
+from tinygen.paged import PagedBatch
 from tinygen.generate import full_caches
 from tinygen.loader import load_model
 
@@ -91,35 +93,51 @@ def test_blockwise_causal_attention_equals_dense(start, T, rows):
     assert all(shape[3] == start + min(T, r0 + block) for r0, shape in seen)  # a block sees keys up to its last row
 
 
-def test_full_cache_grows_in_blocks_and_keeps_what_it_wrote():
-    """The full cache allocates what is written plus one block of max(16, rows // 16) rows, grows by such a block
-    when full, copies what it holds unchanged, and never allocates the whole max_len up front."""
+def full_rows(n_kv: int, head_dim: int, max_len: int, dtype=torch.float32, first_blocks: int | None = None, n_heads=None):
+    """One layer's full cache for a sequence on its own: a batch of one in a pool of `first_blocks` blocks (default:
+    room for max_len tokens) that doubles when they run out."""
+    first_blocks = first_blocks or n_kv * -(-(max_len + 1) // 16)
+    pool = KVPool(first_blocks, 16, head_dim, n_kv, max_len, torch.device("cpu"), dtype, growable=True)
+    paged = PagedBatch(pool, 1, n_heads or n_kv, n_kv)
+    cache = FullRows(paged, 0, 0, n_kv)
+    paged.set_batch([(0, [cache])])
+    return cache
+
+
+def test_full_cache_holds_blocks_of_what_it_wrote():
+    """The full cache's rows hold ceil(length / 16) blocks each (the next token's slot at most one more); the pool
+    of a sequence on its own doubles when its blocks run out, moving what it holds unchanged (block ids and tables
+    stay), log2 times, never allocating max_len up front. K/V read back through the tables are what was written."""
     n_kv, head_dim, prompt, steps = 2, 4, 40, 600
     g = torch.Generator().manual_seed(6)
+    q = torch.randn(n_kv, prompt + steps, head_dim, generator=g)
     k, v = (torch.randn(n_kv, prompt + steps, head_dim, generator=g) for _ in range(2))
-    cache = FullCache(n_kv, head_dim, 10**8, torch.device("cpu"), torch.float32)
-    cache.append(k[:, :prompt], v[:, :prompt])
-    assert cache.k.shape[1] == prompt + 16 and cache.nbytes() == 2 * n_kv * (prompt + 16) * head_dim * 4
-    capacities = set()
+    cache = full_rows(n_kv, head_dim, 10**5, first_blocks=8)
+    pool = cache.pool
+    cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    assert cache.nbytes() == n_kv * 3 * pool.block_bytes() and pool.n_blocks == 8
+    sizes = {pool.n_blocks}
     for t in range(prompt, prompt + steps):
-        keys, values = cache.append(k[:, t : t + 1], v[:, t : t + 1])
+        cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])
         length = t + 1
-        assert length <= cache.k.shape[1] <= length + max(16, length // 16)
-        assert torch.equal(keys, k[:, :length]) and torch.equal(values, v[:, :length])  # growth moved them intact
-        capacities.add(cache.k.shape[1])
-    assert len(capacities) <= steps // 16  # growth copies amortize: at most one per 16 steps
-    assert cache.nbytes() == 2 * n_kv * cache.k.shape[1] * head_dim * 4
+        assert all(-(-length // 16) <= len(pool.blocks[r]) <= -(-(length + 1) // 16) for r in cache.rows())
+        sizes.add(pool.n_blocks)
+    keys, values, _ = pool.gather(torch.tensor(cache.rows()), length)
+    assert torch.equal(keys[:, :length], k) and torch.equal(values[:, :length], v)  # growth moved them intact
+    assert sorted(sizes) == [8, 16, 32, 64, 128]  # doubling: 2 x 640 / 16 = 80 blocks needed
+    assert cache.nbytes() == n_kv * -(-length // 16) * pool.block_bytes()
+    pool.check()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (9, 3)])
 def test_full_cache_decode_matches_dense_attention(dtype, n_heads, n_kv):
-    """The CPU decode step (SDPA for a float32 cache, the grouped matmuls for bfloat16) attends each query head to
-    its KV head's every key, as softmax(q k^T / sqrt(d)) v written out with repeated K/V."""
+    """The CPU decode step (the batch's gather through the block tables and masked matmuls) attends each query head
+    to its KV head's every key, as softmax(q k^T / sqrt(d)) v written out with repeated K/V."""
     head_dim, prompt, steps = 16, 37, 20
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(h, prompt + steps, head_dim, generator=g).to(dtype) for h in (n_heads, n_kv, n_kv))
-    cache = FullCache(n_kv, head_dim, prompt + steps, torch.device("cpu"), dtype)
+    cache = full_rows(n_kv, head_dim, prompt + steps, dtype, n_heads=n_heads)
     cache.attend(q[:, :prompt], k[:, :prompt], v[:, :prompt])
     for t in range(prompt, prompt + steps):
         got = cache.attend(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1])  # (n_heads, 1, head_dim)
@@ -132,9 +150,8 @@ def test_full_cache_decode_matches_dense_attention(dtype, n_heads, n_kv):
 
 
 def test_full_cache_stops_at_max_len():
-    cache = FullCache(1, 4, 50, torch.device("cpu"), torch.float32)
-    cache.append(torch.zeros(1, 45, 4), torch.zeros(1, 45, 4))
-    assert cache.k.shape[1] == 50  # one block would pass max_len: capped
-    cache.append(torch.zeros(1, 5, 4), torch.zeros(1, 5, 4))
+    cache = full_rows(1, 4, 50)
+    cache.attend(torch.zeros(1, 45, 4), torch.zeros(1, 45, 4), torch.zeros(1, 45, 4))
+    cache.attend(torch.zeros(1, 5, 4), torch.zeros(1, 5, 4), torch.zeros(1, 5, 4))
     with pytest.raises(AssertionError, match="cache full: 50 \\+ 1 > 50"):
-        cache.append(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))
+        cache.attend(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4))

@@ -116,7 +116,7 @@ def run_prompts_file(a, model, tok, fastgen, sampling, show_progress: bool) -> i
             prompts.append((i, ids))
     cap = None if a.kv_budget_mb is None else int(a.kv_budget_mb * 2**20)
     if cap is not None:
-        need = {i: projected_bytes(model, fastgen, len(ids), a.max_new_tokens)[1] for i, ids in prompts}
+        need = {i: max(projected_bytes(model, fastgen, len(ids), a.max_new_tokens)) for i, ids in prompts}
         if prompts and min(need.values()) > cap:
             raise TinygenError(f"--kv-budget-mb {a.kv_budget_mb:g} is too small for any prompt: the smallest "
                                f"needs {min(need.values()) / 2**20:.2f} MiB of KV cache")

@@ -1,5 +1,5 @@
-"""Attention kernels in plain PyTorch: a dense reference that returns probabilities, the grouped decode step, and
-the reference for the Triton ragged decode kernel (tinygen/kernels/decode_attention.py)."""
+"""Attention in plain PyTorch: a dense reference that returns probabilities, the grouped decode step (the compiled
+step's and the eval baselines'), and block-wise causal attention for prefills and chunks."""
 from __future__ import annotations
 
 import torch
@@ -33,7 +33,7 @@ def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     q: (n_kv_heads * groups, 1, head_dim), k/v: (n_kv_heads, L, head_dim) -> (n_kv_heads * groups, 1, head_dim).
     visible: (L,) bool, the keys to attend to (default all): buffers longer than what they hold. A hidden row gets
-    probability 0 but its value is still multiplied by it, so it must be finite (FullCache zeroes its spare rows).
+    probability 0 but its value is still multiplied by it, so it must be finite (the pool zeroes a block it hands out).
     """
     n_kv_heads, _, head_dim = k.shape
     dt = compute_dtype(k)
@@ -76,27 +76,3 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
         if on_block is not None:
             on_block(probs, r0)
     return out
-
-
-def ragged_decode_reference(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, lengths: torch.Tensor,
-                            starts: torch.Tensor, q_first: torch.Tensor, group: int, scale: float | None = None):
-    """What the Triton ragged decode kernel computes, row by row (reads the tables on the host: tests only).
-
-    q: (n_q_heads, head_dim); k_buf/v_buf: (total_rows, head_dim); lengths/starts/q_first: (n_rows,) int tables
-    (row r: keys k_buf[starts[r] : starts[r] + lengths[r]], query heads q_first[r] .. q_first[r] + group - 1).
-    Returns out (n_q_heads, head_dim) in q's dtype (zeros for heads no row serves), lse (n_q_heads,) float32
-    (-inf there) and score (total_rows,) float32: each key's softmax probability averaged over its row's group.
-    """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:1], float("-inf"), dtype=torch.float32, device=q.device)
-    score = torch.zeros(k_buf.shape[0], dtype=torch.float32, device=q.device)
-    for n, s0, h0 in zip(lengths.tolist(), starts.tolist(), q_first.tolist()):
-        if n == 0:
-            continue
-        logits = q[h0 : h0 + group].float() @ k_buf[s0 : s0 + n].float().T * scale  # (group, n)
-        lse[h0 : h0 + group] = torch.logsumexp(logits, dim=-1)
-        probs = torch.softmax(logits, dim=-1)
-        out[h0 : h0 + group] = (probs @ v_buf[s0 : s0 + n].float()).to(q.dtype)
-        score[s0 : s0 + n] = probs.mean(dim=0)
-    return out, lse, score

@@ -8,9 +8,9 @@ position): the weights are read once for all B tokens, and each layer attends ev
 call (tinygen/paged.py). A sequence joining or leaving copies nothing: its rows take blocks from the free list and
 give them back.
 
-A new prompt is prefilled on its own (a full cache's prompt K/V go straight into its rows; FastGen profiles in its
-own stores, whose kept rows are then written once into the pool) and joins when its projected blocks (at its final
-length, `projected_bytes`) fit in the free list. Memory is the pool: `kv_cap_bytes` (--kv-budget-mb) sizes it
+A new prompt is prefilled on its own, straight into its rows (FastGen's profile then keeps in each row what its
+head's policy keeps and gives the other blocks back), and joins when its projected blocks (the most it holds,
+prefilling or at its final length: `projected_bytes`) fit in the free list. Memory is the pool: `kv_cap_bytes` (--kv-budget-mb) sizes it
 once; without a cap it holds `batch` full caches of the model's context. When a running sequence needs a block and
 none is free, the most recently admitted sequence is preempted (vLLM's recompute preemption): its blocks are freed
 and it waits at the front of the queue, to be prefilled again from its prompt, its generated tokens fed again one
@@ -36,7 +36,7 @@ from .fastgen.cache import make_caches
 from .fastgen.policy import FastGenConfig
 from .generate import prefill
 from .kvpool import KVPool, PoolFull
-from .paged import FullRows, PagedBatch, adopt_stores
+from .paged import PagedBatch
 from .projection import BLOCK_SIZE, block_bytes, projected_bytes
 from .sampling import SamplingParams, sample
 
@@ -46,9 +46,8 @@ from .sampling import SamplingParams, sample
 class Sequence:
     index: int
     prompt: list[int]
-    projected: int  # bytes of the blocks its rows may hold at most (at its final length)
-    projected_prefill: int  # ... and while it prefills (the same: a prefill's own stores live outside the pool)
-    projected_layer: int = 0  # unused: pools padded to the longest pair needed it
+    projected: int  # bytes of the blocks its rows may hold at most from its first decode step (at its final length)
+    projected_prefill: int  # ... and while it prefills (a FastGen layer's rows hold the whole prompt until profiled)
     caches: list = field(default_factory=list)  # per layer: FullRows or FastGenCache (host state; rows in the pool)
     on_tokens: Callable | None = None
     generator: torch.Generator | None = None
@@ -63,6 +62,11 @@ class Sequence:
     slot: int = -1  # its batch slot while it runs (which rows of the pool are its)
     preemptions: int = 0
     cfg: FastGenConfig | None = None  # its own FastGen configuration (a server's request may choose its policy)
+
+    @property
+    def peak(self) -> int:
+        """The most bytes of blocks its rows may hold at any time."""
+        return max(self.projected, self.projected_prefill)
 
     @property
     def pos(self) -> int:
@@ -153,7 +157,7 @@ class BatchRunner:
 
     def too_large(self, seq: Sequence) -> bool:
         """Whether `seq` can never run in the pool, even alone."""
-        return seq.projected > self.pool.n_blocks * self.pool.block_bytes()
+        return seq.peak > self.pool.n_blocks * self.pool.block_bytes()
 
     def cancel(self, seq: Sequence, reason: str = "cancelled") -> None:
         """Take `seq` out (a client gone, a stop string): it leaves at the next step, and on_done is not called."""
@@ -165,9 +169,10 @@ class BatchRunner:
         return not self.waiting and not self.running
 
     def fits(self, new: Sequence) -> bool:
-        """Whether `new` may join: its projected blocks (at its final length) fit in the free list now. The running
-        sequences' growth is not reserved: if it runs the pool dry, the newest is preempted."""
-        return new.projected <= len(self.pool.free) * self.pool.block_bytes()
+        """Whether `new` may join: its projected blocks (the most it holds, prefilling or at its final length) fit
+        in the free list now. Its prefill then cannot run the pool dry; the running sequences' growth is not
+        reserved: if it does, the newest is preempted."""
+        return new.peak <= len(self.pool.free) * self.pool.block_bytes()
 
     def _start(self, seq: Sequence) -> None:
         """Prefill one admitted prompt on its own into its rows and sample its first token; a preempted sequence
@@ -175,20 +180,13 @@ class BatchRunner:
         c = self.model.cfg
         seq.slot = self.slots.pop()
         limit = min(c.max_seq_len, len(seq.prompt) + seq.max_new_tokens)
-        if seq.cfg.policy == "full":
-            seq.caches, seq.on_tokens = [FullRows(self.pool, [self.paged.row(seq.slot, i, h)
-                                                              for h in range(c.n_kv_heads)])
-                                         for i in range(c.n_layers)], None
-        else:
-            seq.caches, seq.on_tokens = make_caches(self.model, self.tok, seq.cfg, limit)
+        seq.caches, seq.on_tokens = make_caches(self.model, self.tok, seq.cfg, limit, self.paged, seq.slot)
         if seq.generator is None and seq.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seq.sampling.seed)
         if seq.on_tokens:
             seq.on_tokens(seq.prompt)
-        logits = prefill(self.model, seq.prompt, seq.caches, 0)
-        if seq.cfg.policy != "full":
-            adopt_stores(self.pool, seq.caches, lambda layer, h: self.paged.row(seq.slot, layer, h))
+        logits = prefill(self.model, seq.prompt, seq.caches, 0)  # into its rows (admission counted what it takes)
         if seq.out:  # preempted: its tokens but the last (not fed yet) go through again
             for token in seq.out[:-1]:
                 self._reserve([seq])
@@ -214,7 +212,7 @@ class BatchRunner:
         for seq in list(seqs):
             while seq.slot >= 0:
                 try:
-                    self.paged.reserve(seq.caches, seq.slot)
+                    self.paged.reserve(seq.caches)
                     break
                 except PoolFull:
                     victim = self.running[-1] if self.running else None
@@ -296,7 +294,7 @@ class BatchRunner:
             self.waiting.remove(seq)
         if not running and self.waiting and self.too_large(self.waiting[0]):
             seq = self.waiting[0]
-            raise TinygenError(f"prompt {seq.index} needs {seq.projected / 2**20:.2f} MiB of KV cache, more "
+            raise TinygenError(f"prompt {seq.index} needs {seq.peak / 2**20:.2f} MiB of KV cache, more "
                                f"than the pool's {self.pool.n_blocks * self.pool.block_bytes() / 2**20:.2f} MiB")
         while self.waiting and len(running) < self.batch and (not running or self.fits(self.waiting[0])):
             seq = self.waiting.popleft()

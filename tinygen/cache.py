@@ -3,6 +3,9 @@
 The caller owns one cache object per layer and passes the list to the model; the model keeps no cache state.
 Attention lives in the cache because a compressed cache attends over a different set of keys per head:
 the model hands each layer's cache the new rotated queries, keys and values and gets the attention output back.
+
+Every cache is a PagedCache (paged.py): its tokens live in a pool of fixed-size blocks that all the sequences of a
+batch share, one row per (layer, KV head) with its own block table; a sequence on its own is a batch of one.
 """
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .attention import causal_attention, compute_dtype, grouped_decode_attention
+from .attention import causal_attention
+from .fastgen.policy import FULL
 from .kernels import triton_available
+from .paged import PagedCache
 
 
 class KVCache(Protocol):
@@ -73,8 +78,8 @@ def attention_paths(device: torch.device) -> tuple[str, str]:
     """(prefill, decode) attention paths for a cache on `device`: the one place where the device decides.
 
     CUDA: torch SDPA for prefill (flash / memory-efficient kernels) and, where triton is installed, the Triton
-    ragged decode kernel (tinygen/kernels/decode_attention.py). CPU: block-wise float32 prefill and the batched
-    PyTorch decode step (attention.py)."""
+    paged decode kernel (tinygen/kernels/paged_attention.py). CPU: block-wise float32 prefill and the batched
+    PyTorch decode step through the block tables (paged.py)."""
     if torch.device(device).type == "cuda":
         return "sdpa", "triton" if triton_available() else "torch"
     return "blocks", "torch"
@@ -91,107 +96,50 @@ def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sta
                                           enable_gqa=q.shape[0] != k.shape[0])[0]
 
 
-def sdpa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One query token per head through torch SDPA (its fused CPU kernel: one op where the grouped PyTorch path runs
-    seven), GQA without repeating K/V. q: (n_heads, 1, head_dim), k/v: (n_kv_heads, L, head_dim) in q's dtype
-    -> (n_heads, 1, head_dim). The reference is grouped_decode_attention (attention.py)."""
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=q.shape[0] != k.shape[0])[0]
+class FullRows(PagedCache):
+    """The full cache of one layer: every token of every KV head, in the sequence's rows of the pool (one row group
+    that never evicts; tinygen/paged.py). The prompt's K/V go straight into the rows; a later chunk (a chat's next
+    turn) is written after them and attends over the rows read back through the block tables; a decode step is the
+    batch's (one attention call for every running row)."""
 
+    policy, protect, hole, kinds, cfg = FULL, 0, False, None, None
 
-class FullCache:
-    """Every token of every head: K and V (n_kv_heads, capacity, head_dim), written by index, grown in blocks.
+    def __init__(self, paged, slot: int, layer: int, n_kv_heads: int):
+        super().__init__(paged, slot, layer, n_kv_heads)
+        self.kv_heads, self.stores, self.kept = list(range(n_kv_heads)), [self], 0
+        self.prefill_path = attention_paths(self.pool.k.device)[0]
 
-    The first append allocates its tokens plus one growth block; an append that does not fit reallocates to what is
-    then written plus one block, never beyond max_len (the hard limit). A block is max(16, rows // 16) rows
-    (PolicyStore.block_rows' rule with a floor of 16): the buffers hold at most one block beyond the length, a large
-    max_len costs nothing until it is used, and growing (a copy of the whole cache) happens at most once per 1/16 of
-    the length. Decode steps write into spare rows, never concatenate.
+    def _budget(self, length: int) -> int:
+        return length
 
-    For the Triton decode kernel the full cache is the ragged case with equal lengths: row h of the flattened
-    (n_kv_heads * capacity, head_dim) buffers starts at h * capacity and serves query heads h * groups onwards."""
+    def prefill(self, q, k, v):
+        """The prompt, T tokens: causal attention over k, v themselves, which then fill the rows.
+        q: (n_heads, T, head_dim), k/v: (n_kv_heads, T, head_dim) -> (n_heads, T, head_dim)."""
+        self._write(k, v)
+        return self._causal(q, k, v, 0)
 
-    def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                 paths: tuple[str, str] | None = None):
-        self.k = torch.empty(n_kv_heads, 0, head_dim, device=device, dtype=dtype)  # (n_kv_heads, capacity, head_dim)
-        self.v = torch.empty_like(self.k)
-        self.max_len, self.n_kv_heads = max_len, n_kv_heads
-        self.length = 0
-        self.prefill_path, self.decode_path = paths or attention_paths(self.k.device)
-        # SDPA where the cache holds the dtype attention computes in (2x faster here at 200 keys: 22 vs 43 us a
-        # layer, float32); a bfloat16 cache on the CPU casts, then runs the grouped matmuls (SDPA there: 117 us)
-        self.sdpa_decode = self.decode_path == "torch" and dtype == compute_dtype(self.k)
-        self._tables = None  # (lengths, starts, q_first) int32 on the device, made at the first kernel decode
+    def extend(self, q, k, v):
+        """T tokens after the `length` the rows hold: written after them, then attending over all of them."""
+        start = self.length
+        self._write(k, v)
+        keys, values, _ = self.pool.gather(torch.tensor(self.rows(), device=k.device), self.length)
+        return self._causal(q, keys[:, : self.length], values[:, : self.length], start)
 
-    @staticmethod
-    def block_rows(rows: int) -> int:
-        """Rows of spare room a growth leaves beyond `rows` written: at least 16, and 1/16 of the cache."""
-        return max(16, rows // 16)
-
-    def _grow(self, rows: int):
-        """Reallocate K and V for `rows` tokens plus one block (at most max_len), copying the tokens written."""
-        n_kv_heads, _, head_dim = self.k.shape
-        capacity = min(self.max_len, rows + self.block_rows(rows))
-        k = self.k.new_empty(n_kv_heads, capacity, head_dim)
-        v = torch.empty_like(k)
-        k[:, : self.length], v[:, : self.length] = self.k[:, : self.length], self.v[:, : self.length]
-        # spare rows zero, not garbage: a step that attends over the whole buffers masked (compiled.py) weighs them
-        # by 0, and 0 * NaN is NaN
-        k[:, self.length :].zero_()
-        v[:, self.length :].zero_()
-        self.k, self.v = k, v
-        self._tables = None  # the kernel's row starts (h * capacity) moved
-
-    def reserve(self, end: int) -> None:
-        """Make room for tokens up to `end` (grow if the buffers are shorter)."""
-        assert end <= self.max_len, f"cache full: {self.length} + {end - self.length} > {self.max_len}"
-        if end > self.k.shape[1]:
-            self._grow(end)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write T new tokens' k, v (n_kv_heads, T, head_dim) by index, growing first if they do not fit;
-        returns every cached key and value so far (views of the buffers)."""
-        T, start = k.shape[1], self.length
-        end = start + T
-        self.reserve(end)
-        self.k[:, start:end] = k
-        self.v[:, start:end] = v
-        self.length = end
-        return self.k[:, :end], self.v[:, :end]
-
-    def attend(self, q, k, v):
-        T, start = k.shape[1], self.length
-        keys, values = self.append(k, v)
-        end = self.length
-        scale = q.shape[-1] ** -0.5
-        if T == 1:
-            if self.decode_path == "triton":
-                return self._decode_triton(q, end)
-            if self.sdpa_decode:  # q comes in the cache's dtype (the model's)
-                return sdpa_decode_attention(q, keys, values)
-            return grouped_decode_attention(q, keys, values, scale)
+    def _causal(self, q, k, v, start: int):
         if self.prefill_path == "sdpa":
-            return sdpa_causal_attention(q, keys, values, start)
-        return causal_attention(q, keys, values, start)
+            return sdpa_causal_attention(q, k, v, start)
+        return causal_attention(q, k, v, start)
 
-    def _decode_triton(self, q: torch.Tensor, end: int) -> torch.Tensor:
-        from .kernels.decode_attention import ragged_decode_attention
-
-        n_heads, _, head_dim = q.shape
-        capacity, groups = self.k.shape[1], n_heads // self.n_kv_heads
-        if self._tables is None:  # made at the first kernel decode and after each growth
-            rows = torch.arange(self.n_kv_heads, dtype=torch.int32, device=q.device)
-            self._tables = (torch.empty_like(rows), rows * capacity, rows * groups)
-        lengths, starts, q_first = self._tables
-        lengths.fill_(end)  # a device write, no sync
-        out, _ = ragged_decode_attention(q[:, 0], self.k.view(-1, head_dim), self.v.view(-1, head_dim), lengths,
-                                         starts, q_first, groups, capacity)
-        return out.view(n_heads, 1, head_dim)
-
-    def nbytes(self) -> int:
-        return storage_bytes(self.k, self.v)
-
-    def kept_tokens(self) -> int:
-        return self.length * self.n_kv_heads
+    def _write(self, k, v):
+        """k, v (n_kv_heads, T, head_dim) into logical slots (= positions) length .. length + T - 1."""
+        H, T = k.shape[:2]
+        rows, start = self.rows(), self.length
+        self.pool.reserve(rows, start + T)
+        idx = torch.tensor(rows, device=k.device)
+        pos = torch.arange(start, start + T, device=k.device).expand(H, T)
+        self.pool.write(idx, pos, k, v, pos, torch.zeros(H, T, dtype=torch.bool, device=k.device))
+        self.pool.mark(idx, pos)
+        self.length = self.kept = start + T
 
 
 def kept_fraction(caches: list[KVCache]) -> float:

@@ -7,9 +7,10 @@ from typing import Callable, Iterator
 
 import torch
 
-from .cache import FullCache, KVCache
+from .cache import FullRows, KVCache
 from .errors import TinygenError
 from .model import Llama
+from .paged import lone_batch
 from .sampling import SamplingParams, sample
 
 
@@ -28,10 +29,17 @@ class GenerationStats:
         return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
 
 
-def full_caches(model: Llama, max_len: int) -> list[FullCache]:
-    """One full cache per layer (growing in blocks up to max_len), on the model's device and dtype."""
-    cfg, w = model.cfg, model.embed.weight
-    return [FullCache(cfg.n_kv_heads, cfg.head_dim, max_len, w.device, w.dtype) for _ in range(cfg.n_layers)]
+def full_caches(model: Llama, max_len: int, first_len: int | None = None, paged=None, slot: int = 0) -> list[FullRows]:
+    """One full cache per layer, up to max_len tokens, on the model's device and dtype: the rows of batch slot
+    `slot` of `paged`, or, without one, of a sequence on its own (a batch of one, its pool with room for first_len
+    tokens, default max_len, doubling when that runs out)."""
+    lone = paged is None
+    if lone:
+        paged = lone_batch(model, max_len, first_len)
+    caches = [FullRows(paged, slot, i, model.cfg.n_kv_heads) for i in range(model.cfg.n_layers)]
+    if lone:
+        paged.set_batch([(slot, caches)])
+    return caches
 
 
 @torch.inference_mode()

@@ -11,11 +11,24 @@ at, so a gather over a padded table reads finite zeros. A block is zeroed when i
 not written yet are finite too (attention masks them, but 0 * NaN is NaN).
 
 One pool serves every layer (a departure from "one pool per layer": layers keep different shares under the paper's
-profile, and one free list lets them share the memory instead of splitting it evenly).
+profile, and one free list lets them share the memory instead of splitting it evenly). A capped pool (a batch under
+--kv-budget-mb) never grows: when it runs dry the batch preempts. A pool without a cap (a sequence on its own: one
+prompt, a chat) grows instead, doubling its blocks: one copy of the blocks, at most log2(length / first size) times,
+block ids and tables unchanged.
 """
 from __future__ import annotations
 
 import torch
+
+BLOCK_SIZE = 16  # tokens of one KV head per block
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host-made tensor on `device` without a host sync: a copy from pageable memory waits for the GPU, one
+    from pinned memory (torch's caching host allocator, which keeps a buffer until its copy is done) does not."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class PoolFull(Exception):
@@ -24,11 +37,12 @@ class PoolFull(Exception):
 
 class KVPool:
     def __init__(self, n_blocks: int, block_size: int, head_dim: int, n_rows: int, max_len: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, growable: bool = False):
         """n_blocks usable blocks (plus the null block); n_rows the most rows at once (batch x n_layers x
-        n_kv_heads); max_len the longest sequence, which sizes each row's table and bitmap."""
+        n_kv_heads); max_len the longest sequence, which sizes each row's table and bitmap; growable: double the
+        blocks when they run out, rather than raise PoolFull."""
         assert n_blocks >= 1 and block_size >= 1, "a pool holds at least one block"
-        self.block_size, self.head_dim, self.max_len = block_size, head_dim, max_len
+        self.block_size, self.head_dim, self.max_len, self.growable = block_size, head_dim, max_len, growable
         total = n_blocks + 1  # block 0: the null block
         self.k = torch.empty(total, block_size, head_dim, device=device, dtype=dtype)  # (blocks, block_size, head_dim)
         self.v = torch.empty_like(self.k)
@@ -59,6 +73,16 @@ class KVPool:
     def used_blocks(self) -> int:
         return self.n_blocks - len(self.free)
 
+    def grow(self) -> None:
+        """Double the blocks (a pool without a cap): the new storage holds the old blocks at the same ids."""
+        old = self.k.shape[0]
+        for name in ("k", "v", "pos", "prot", "score"):
+            t = getattr(self, name)
+            new = t.new_empty((2 * old - 1,) + tuple(t.shape[1:]))
+            new[:old] = t
+            setattr(self, name, new)
+        self.free[:0] = range(2 * old - 2, old - 1, -1)  # handed out after the blocks already free
+
     def _zero(self, b: int):
         self.k[b].zero_(), self.v[b].zero_(), self.score[b].zero_(), self.prot[b].zero_()
         self.pos[b].fill_(-1)
@@ -71,6 +95,8 @@ class KVPool:
         for row in rows:
             held = self.blocks[row]
             while len(held) < need:
+                if not self.free and self.growable:
+                    self.grow()
                 if not self.free:
                     raise PoolFull
                 b = self.free.pop()
@@ -89,6 +115,19 @@ class KVPool:
             self.bitmap[idx] = 0
             self.freed[idx] = 0
 
+    def shrink(self, rows: list[int], slots: int) -> None:
+        """Rows that now keep `slots` slots give back the blocks past them (a chunk or a prefill compressed)."""
+        need = -(-slots // self.block_size)
+        for row in rows:
+            held = self.blocks[row]
+            if len(held) > need:
+                self.free.extend(reversed(held[need:]))
+                del held[need:]
+                self.tables[row, need:] = 0
+
+    def held_blocks(self, rows: list[int]) -> int:
+        return sum(len(self.blocks[r]) for r in rows)
+
     def slots(self, rows: torch.Tensor, logical: torch.Tensor) -> torch.Tensor:
         """Flat slot ids (into k.view(-1, head_dim) etc.) of logical slots: rows (P,), logical (P, R) -> (P, R)."""
         bs = self.block_size
@@ -104,18 +143,19 @@ class KVPool:
         self.prot.view(-1)[at] = prot.flatten()
         self.score.view(-1)[at] = 0.0 if score is None else score.flatten().float()
 
+    def slot_ids(self, rows: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """Flat ids of logical slots [0, n_slots) of each row, rounded up to whole blocks (R): rows (P,) -> (P, R).
+        Table entries past a row's blocks name the null block."""
+        bs = self.block_size
+        blocks = self.tables[rows, : -(-n_slots // bs)].long()  # (P, nb)
+        return (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).flatten(1)
+
     def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
         """K and V of the blocks holding logical slots [0, n_slots) of each row, read through the block tables (a
         copy, padded to whole blocks: R = n_slots rounded up to block_size), and the flat ids of those slots:
-        rows (P,) -> k, v (P, R, head_dim), slots (P, R). Table entries past a row's blocks read the null block."""
-        bs = self.block_size
-        nb = -(-n_slots // bs)
-        blocks = self.tables[rows, :nb].long()  # (P, nb)
-        P, flat = rows.shape[0], blocks.flatten()
-        k = self.k.index_select(0, flat).view(P, nb * bs, self.head_dim)
-        v = self.v.index_select(0, flat).view(P, nb * bs, self.head_dim)
-        slots = (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).view(P, nb * bs)
-        return k, v, slots
+        rows (P,) -> k, v (P, R, head_dim), slots (P, R)."""
+        slots = self.slot_ids(rows, n_slots)
+        return self.k.view(-1, self.head_dim)[slots], self.v.view(-1, self.head_dim)[slots], slots
 
     def set_bits(self, rows: torch.Tensor, positions: torch.Tensor, on: torch.Tensor | None = None) -> None:
         """Set (or, where `on` is False, clear) the bit of positions (P,) in rows (P,)."""
@@ -123,6 +163,16 @@ class KVPool:
         cur = self.bitmap[rows, byte]
         new = cur | bit if on is None else torch.where(on, cur | bit, cur & ~bit)
         self.bitmap[rows, byte] = new
+
+    def mark(self, rows: torch.Tensor, positions: torch.Tensor, replace: bool = False) -> None:
+        """Set the bits of positions (P, n) in rows (P,), several per byte at once (a packed mask ORed in); replace:
+        the rows hold exactly those positions (their other bits cleared)."""
+        P = positions.shape[0]
+        mask = torch.zeros(P, self.bitmap.shape[1] * 8, dtype=torch.uint8, device=positions.device)
+        mask.scatter_(1, positions.long(), 1)
+        weights = 1 << torch.arange(8, dtype=torch.uint8, device=positions.device)
+        packed = (mask.view(P, -1, 8) * weights).sum(-1, dtype=torch.uint8)  # (P, bytes)
+        self.bitmap[rows] = packed if replace else self.bitmap[rows] | packed
 
     def resident_mask(self, rows: torch.Tensor, length: int) -> torch.Tensor:
         """(P, length) bool from the rows' bitmaps (tests and the dense reference)."""

@@ -1,100 +1,98 @@
-"""A batch's decode step through the paged KV pool (tinygen/kvpool.py): every row of every running sequence, full
-and FastGen alike, in one attention call per layer.
+"""Sequences' caches in the paged KV pool (tinygen/kvpool.py), and the decode step that attends every row of every
+running sequence, full and FastGen alike, in one attention call per layer. A sequence on its own (a prompt, a chat)
+is a batch of one (`lone_batch`): the same rows, the same step.
 
-Bookkeeping is per row group: the KV heads of one sequence in one layer that share a policy keep the same number of
-tokens at every step (budgets depend only on the length and the token kinds). A FastGen group is its `PolicyStore`
-(its host state: policy, ratios, kept, hole; its tensors are dropped once its rows are in the pool); a full cache is
-one group, `FullRows`, that never evicts. A step's decisions (how many rows each attends over, whether it evicts, its
-local window) are host arithmetic, sent to the device in one small table, so the step needs no host sync.
+A sequence's cache of one layer is a `PagedCache`: the KVCache interface (cache.py) over its rows, one per KV head.
+Its rows form groups (`stores`): the KV heads that keep the same number of tokens at every step (budgets depend only
+on the length and the token kinds). The full cache (`FullRows`, cache.py) is one group that never evicts; FastGen's
+(`FastGenCache`, fastgen/cache.py) has a `PolicyStore` per policy. A group's state on the host is its policy, kept
+count and whether its last eviction left a freed slot (`hole`); everything per token lives in the pool.
+A step's decisions (how many slots each row attends over, whether it evicts, its local window) are host arithmetic
+on that state, sent to the device in one small table, so the step needs no host sync.
 
-A step, for one layer (`PagedBatch.decode`), as a batch-1 `PolicyStore` step does for its heads:
+A step, for one layer (`PagedBatch.decode`):
 1. write each row's new token into its slot `kept`, or the slot its last eviction freed;
 2. attend: gather each row's slots [0, kept + 1) through its block table, padded to the longest row (compute is
    padded, memory is not), one masked matmul-softmax-matmul for the batch, and add the attention to the scores;
 3. keep the new token (its bit) or evict one token per row: the unprotected token outside the local window with the
-   lowest mean attention since it arrived (or, without `frequent`, the oldest).
+   lowest mean attention since it arrived (or, without `frequent`, the oldest). The next token reuses its slot.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import causal_attention, compute_dtype
-from .fastgen.policy import FREQUENT, FULL, LOCAL, window
-from .fastgen.store import host_to_device
-from .kvpool import KVPool
-
-
-class FullRows:
-    """One layer of a sequence's full cache in the pool: the KVCache its prefill runs through (the prompt's K/V go
-    straight into the rows' blocks), and the one row group of its decode steps (every KV head, never evicting)."""
-
-    policy, protect, hole, kinds, cfg = FULL, 0, False, None, None
-
-    def __init__(self, pool: KVPool, rows: list[int]):
-        self.pool, self.rows = pool, rows  # rows[h]: KV head h's row
-        self.n_kv_heads = len(rows)
-        self.kv_heads = list(range(self.n_kv_heads))
-        self.stores = [self]
-        self.length = self.kept = 0
-
-    def _budget(self, length: int) -> int:
-        return length
-
-    def attend(self, q, k, v):
-        """The prompt (T tokens at an empty cache): causal attention over k, v themselves, which then fill the rows.
-        q: (n_heads, T, head_dim), k/v: (n_kv_heads, T, head_dim)."""
-        T = k.shape[1]
-        assert self.length == 0, "the batch's full rows take a prompt, then decode steps (PagedBatch)"
-        out = causal_attention(q, k, v, 0)
-        write_rows(self.pool, self.rows, k, v, torch.arange(T, device=k.device).expand(self.n_kv_heads, T),
-                   torch.zeros(self.n_kv_heads, T, dtype=torch.bool, device=k.device), None)
-        self.length = self.kept = T
-        return out
-
-    def kept_tokens(self) -> int:
-        return self.kept * self.n_kv_heads
-
-    def nbytes(self) -> int:
-        """Bytes of tensors of its own: none (its rows are the pool's, counted there)."""
-        return 0
-
-    def head_names(self) -> list[str]:
-        return ["full"] * self.n_kv_heads
+from .attention import compute_dtype
+from .fastgen.policy import FREQUENT, LOCAL, window
+from .kvpool import BLOCK_SIZE, KVPool, host_to_device
 
 
 def write_rows(pool: KVPool, rows: list[int], k, v, pos, prot, score) -> None:
-    """Fill rows' slots [0, n) and their bitmaps: k, v (heads, n, head_dim); pos, prot, score (heads, n)."""
+    """Fill rows' slots [0, n) and make their bitmaps exactly pos: k, v (heads, n, head_dim); pos, prot, score
+    (heads, n). Rows get the blocks they need first."""
     heads, n = pos.shape
     pool.reserve(rows, n)
     idx = torch.tensor(rows, device=k.device)
     pool.write(idx, torch.arange(n, device=k.device).expand(heads, n), k, v, pos, prot, score)
-    mask = torch.zeros(heads, pool.bitmap.shape[1] * 8, dtype=torch.uint8, device=k.device)
-    mask.scatter_(1, pos.long(), 1)
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=k.device)
-    pool.bitmap[idx] = (mask.view(heads, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    pool.mark(idx, pos, replace=True)
 
 
-def adopt_stores(pool: KVPool, caches: list, rows_of) -> None:
-    """Move a prefilled sequence's FastGen stores into the pool: each store's resident rows are written once into its
-    rows' blocks, and its own tensors are let go (it keeps its host state). rows_of(layer, kv_head) -> row id."""
-    for layer, cache in enumerate(caches):
-        assert cache.pending is None, "a sequence joins the batch after its prefill compressed its caches"
-        for s in cache.stores:
-            assert not s.hole, "a store fresh from its prefill has no freed row"
-            kept = s.kept
-            write_rows(pool, [rows_of(layer, h) for h in s.kv_heads], s.k[:, :kept], s.v[:, :kept],
-                       s.pos[:, :kept], s.prot[:, :kept], None if s.score is None else s.score[:, :kept])
-            s.k = s.v = s.pos = s.prot = s.score = s.bitmap = s.free = None
-        cache.rows = None  # the Triton tables of its own stores (CUDA), now stale
+class PagedCache:
+    """One layer of one sequence in the pool (KVCache). `attend` takes the prompt (`prefill`), a later chunk of
+    several tokens (`extend`: a chat's next turn), or one decode step, which goes through the sequence's batch."""
+
+    def __init__(self, paged: "PagedBatch", slot: int, layer: int, n_kv_heads: int):
+        self.paged, self.pool, self.slot, self.layer = paged, paged.pool, slot, layer
+        self.n_kv_heads = n_kv_heads
+        self.length = 0
+        self.stores: list = []  # row groups: FullRows itself, or FastGen's PolicyStores
+
+    def rows(self, kv_heads=None) -> list[int]:
+        """Pool row ids of KV heads (all by default)."""
+        return [self.paged.row(self.slot, self.layer, h) for h in (range(self.n_kv_heads) if kv_heads is None
+                                                                   else kv_heads)]
+
+    def attend(self, q, k, v):
+        T = k.shape[1]
+        assert self.length + T <= self.pool.max_len, f"cache full: {self.length} + {T} > {self.pool.max_len}"
+        if self.length == 0:
+            return self.prefill(q, k, v)
+        if T > 1:
+            return self.extend(q, k, v)
+        self.paged.reserve_layer(self)  # a sequence on its own: a batch of one
+        return self.paged.decode(self.layer, q[None], k[None], v[None])[0]
+
+    def kept_tokens(self) -> int:
+        return sum(s.kept * len(s.kv_heads) for s in self.stores)
+
+    def nbytes(self) -> int:
+        """Bytes of the pool blocks its rows hold (a block: K, V, positions, flags and scores of its slots)."""
+        return self.pool.held_blocks(self.rows()) * self.pool.block_bytes()
+
+
+def lone_batch(model, max_len: int, first_len: int | None = None) -> "PagedBatch":
+    """A pool and a batch of one for a sequence on its own, with room for `first_len` tokens (default max_len) of
+    a full cache; it doubles when that runs out (a chat), up to max_len tokens."""
+    c, w = model.cfg, model.embed.weight
+    rows = c.n_layers * c.n_kv_heads
+    first = min(max_len, first_len or max_len)
+    pool = KVPool(rows * -(-(first + 1) // BLOCK_SIZE), BLOCK_SIZE, c.head_dim, rows, max_len, w.device, w.dtype,
+                  growable=True)
+    return PagedBatch(pool, c.n_layers, c.n_heads, c.n_kv_heads)
 
 
 class PagedBatch:
     """The running sequences' rows in the pool, attending as one. `set_batch(members)` names them for the next step:
-    (batch slot, per-layer caches) each, caches being FullRows or FastGenCaches; `layers()` are the per-layer objects
-    the model takes in place of a list of caches (BatchKVCache)."""
+    (batch slot, per-layer caches) each, caches being PagedCaches; `layers()` are the per-layer objects the model
+    takes in place of a list of caches (BatchKVCache). A batch slot's rows are fixed: (slot, layer, KV head)."""
 
-    def __init__(self, pool: KVPool, n_layers: int, n_heads: int, n_kv_heads: int):
+    def __init__(self, pool: KVPool, n_layers: int, n_heads: int, n_kv_heads: int, kernel: bool | None = None):
+        """kernel: attend through the Triton paged kernel (default: where attention_paths says so, on CUDA)."""
         self.pool, self.n_layers, self.n_heads, self.n_kv_heads = pool, n_layers, n_heads, n_kv_heads
+        if kernel is None:
+            from .cache import attention_paths  # cache.py builds on this module
+
+            kernel = attention_paths(pool.k.device)[1] == "triton"
+        self.kernel = kernel
         self.members: list = []
         self.base = None  # (B * n_kv_heads,) row ids of layer 0, in (sequence, KV head) order
 
@@ -115,17 +113,20 @@ class PagedBatch:
     def layers(self) -> list["PagedLayer"]:
         return [PagedLayer(self, i) for i in range(self.n_layers)]
 
-    def reserve(self, caches: list, slot: int) -> None:
-        """Blocks for the next step of one sequence: each row group's kept + 1 slots (raises PoolFull)."""
-        bs = self.pool.block_size
-        for layer, cache in enumerate(caches):
-            for s in cache.stores:
-                rows = [self.row(slot, layer, h) for h in s.kv_heads]
-                if len(self.pool.blocks[rows[0]]) * bs < s.kept + 1:
-                    self.pool.reserve(rows, s.kept + 1)
+    def reserve_layer(self, cache: PagedCache) -> None:
+        """Blocks for the next step of one sequence's layer: each row group's kept + 1 slots (raises PoolFull)."""
+        for s in cache.stores:
+            rows = cache.rows(s.kv_heads)
+            if len(self.pool.blocks[rows[0]]) * self.pool.block_size < s.kept + 1:
+                self.pool.reserve(rows, s.kept + 1)
+
+    def reserve(self, caches: list) -> None:
+        """Blocks for the next step of one sequence, every layer (raises PoolFull)."""
+        for cache in caches:
+            self.reserve_layer(cache)
 
     def held_blocks(self, slot: int) -> int:
-        return sum(len(self.pool.blocks[r]) for r in self.slot_rows(slot))
+        return self.pool.held_blocks(self.slot_rows(slot))
 
     def _table(self, layer: int) -> tuple[torch.Tensor, int, bool]:
         """Host decisions of this step for each row of `layer`, in (sequence, KV head) order, and each group's host
@@ -173,17 +174,12 @@ class PagedBatch:
                    protected.bool()[:, None])
 
         # 2. Attention over each row's slots [0, kept + 1), the rest masked; the scores.
-        keys, values, slots = pool.gather(rows, R)  # (P, R', head_dim) each, (P, R'): R rounded up to a block
-        R = slots.shape[1]
-        dt = compute_dtype(keys)
-        beyond = torch.arange(R, device=q.device) >= n_rows[:, None]  # (P, R')
-        qs = q.reshape(P, groups, head_dim).to(dt)
-        scores = (qs * head_dim**-0.5) @ keys.to(dt).transpose(1, 2)  # (P, groups, R')
-        scores.masked_fill_(beyond[:, None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1)
-        out = (probs.to(dt) @ values.to(dt)).to(q.dtype)  # (P, groups, head_dim)
-        if scored:  # padded slots get 0 (their probability): the null block's, or a row's own unused slots
-            pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
+        qs = q.reshape(P, groups, head_dim)
+        if self.kernel:  # CUDA: the Triton kernel reads the blocks in place (kernels/paged_attention.py)
+            out, slots = self._attend_kernel(rows, qs, n_rows, R, scored)
+        else:
+            out, slots = self._attend_torch(rows, qs, n_rows, R, scored)
+        beyond = torch.arange(slots.shape[1], device=q.device) >= n_rows[:, None]  # (P, R'): past each row
 
         # 3. Keep the new token (its bit) or, where the budget says so, evict one token per row.
         pool.bitmap[rows, new_pos // 8] |= ((1 << new_pos % 8) * keep).to(torch.uint8)
@@ -198,6 +194,32 @@ class PagedBatch:
             pool.bitmap[rows, gone // 8] &= torch.where(evicts, ~(1 << gone % 8), -1).to(torch.uint8)
             pool.freed[rows] = torch.where(evicts, victim, pool.freed[rows])
         return out.view(B, n_heads, 1, head_dim)
+
+    def _attend_torch(self, rows, q, n_rows, R: int, scored: bool):
+        """The reference: gather the rows' slots (a copy, padded to the longest row), one masked
+        matmul-softmax-matmul. q (P, groups, head_dim) -> out (P, groups, head_dim), slots (P, R')."""
+        keys, values, slots = self.pool.gather(rows, R)  # (P, R', head_dim) each, (P, R'): R rounded up to a block
+        dt = compute_dtype(keys)
+        beyond = torch.arange(slots.shape[1], device=q.device) >= n_rows[:, None]  # (P, R')
+        scores = (q.to(dt) * q.shape[-1] ** -0.5) @ keys.to(dt).transpose(1, 2)  # (P, groups, R')
+        scores.masked_fill_(beyond[:, None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1)
+        out = (probs.to(dt) @ values.to(dt)).to(q.dtype)  # (P, groups, head_dim)
+        if scored:  # padded slots get 0 (their probability): the null block's, or a row's own unused slots
+            self.pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
+        return out, slots
+
+    def _attend_kernel(self, rows, q, n_rows, R: int, scored: bool):
+        """The Triton paged decode kernel over the same slots, and its score update (exact probabilities again,
+        from the kernel's log-sum-exp)."""
+        from .kernels.paged_attention import paged_add_scores, paged_decode
+
+        pool = self.pool
+        tables, lengths = pool.tables[rows], n_rows.to(torch.int32)  # (P, max_blocks), (P,)
+        out, lse = paged_decode(q, pool.k, pool.v, tables, lengths, R)
+        if scored:
+            paged_add_scores(q, pool.k, tables, lengths, lse, pool.score, R)
+        return out, pool.slot_ids(rows, R)
 
 
 class PagedLayer:

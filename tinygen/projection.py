@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 from .fastgen.policy import FREQUENT, LOCAL, FastGenConfig, protected_kinds
-
-BLOCK_SIZE = 16  # tokens of one KV head per block
+from .kvpool import BLOCK_SIZE
 
 
 def block_bytes(model, block_size: int = BLOCK_SIZE) -> int:
@@ -16,16 +15,19 @@ def block_bytes(model, block_size: int = BLOCK_SIZE) -> int:
 
 
 def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
-    """Upper bounds on the bytes of the blocks one sequence's rows hold: (from its first decode step on, during its
-    prefill), the same figure: every row holds at most its kept share of the final length plus the new token's
-    slot, in whole blocks. A FastGen prefill's own stores (one sequence at a time) live outside the pool."""
+    """Upper bounds on the bytes of the blocks one sequence's rows hold: (from its first decode step on, the most
+    during its prefill). Steady: every row holds at most its kept share of the final length plus the new token's
+    slot, in whole blocks. Prefill: a FastGen layer's rows hold the whole prompt until its profile has chosen
+    (one layer at a time, or every layer at once where one planner allocates across the model), the layers before
+    it what they keep."""
     c = model.cfg
     final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
     share = 1.0 if cfg.policy == "full" else kept_share(cfg)
     slots = min(final + 1, math.ceil(share * final) + 2)  # +1: local+frequent rounds two shares up; +1 the new slot
-    blocks = c.n_layers * c.n_kv_heads * math.ceil(slots / BLOCK_SIZE)
-    steady = blocks * block_bytes(model)
-    return steady, steady
+    per_layer, whole = c.n_kv_heads * math.ceil(slots / BLOCK_SIZE), c.n_kv_heads * math.ceil(prompt_tokens / BLOCK_SIZE)
+    prefill = (whole if cfg.policy == "full" else c.n_layers * whole if cfg.model_wide
+               else (c.n_layers - 1) * per_layer + whole)
+    return c.n_layers * per_layer * block_bytes(model), prefill * block_bytes(model)
 
 
 def kept_share(cfg: FastGenConfig) -> float:

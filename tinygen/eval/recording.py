@@ -5,26 +5,29 @@ from __future__ import annotations
 import torch
 
 from ..attention import dense_attention
-from ..cache import FullCache
 
 
-class RecordingCache(FullCache):
-    """A full cache that also keeps the group-averaged attention probabilities of every query row.
+class RecordingCache:
+    """A full cache for measuring (not for serving): K and V of every token in buffers of its own, sized for
+    max_len, attended with the dense reference, which also keeps the group-averaged attention probabilities of
+    every query row.
 
     prompt_attn: (n_kv_heads, L, L) float32, the prefill's rows; gen_rows: one (n_kv_heads, length) float32 per
     decode row (keys 0..its own position)."""
 
     def __init__(self, n_kv_heads: int, head_dim: int, max_len: int, device, dtype):
-        super().__init__(n_kv_heads, head_dim, max_len, device, dtype, paths=("blocks", "torch"))
+        self.k = torch.zeros(n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.n_kv_heads, self.length = n_kv_heads, 0
         self.prompt_attn: torch.Tensor | None = None
         self.gen_rows: list[torch.Tensor] = []
 
     def attend(self, q, k, v):
         start, T = self.length, k.shape[1]
-        keys, values = self.append(k, v)
-        end = self.length
+        end = self.length = start + T
+        self.k[:, start:end], self.v[:, start:end] = k, v
         mask = torch.arange(end, device=q.device) <= start + torch.arange(T, device=q.device)[:, None]  # (T, end)
-        out, probs = dense_attention(q, keys, values, mask)
+        out, probs = dense_attention(q, self.k[:, :end], self.v[:, :end], mask)
         group = probs.view(self.n_kv_heads, -1, T, end).mean(dim=1).cpu()  # (n_kv_heads, T, end): GQA group mean
         if start == 0:
             self.prompt_attn = group

@@ -1,16 +1,16 @@
 """FastGenCache: the per-layer KV cache that profiles its heads at prefill and keeps only what each policy needs.
 
-It implements the same `attend(q, k, v)` / `nbytes()` interface as the full cache, so the model does not know
-which cache it runs with. Prefill attends over the whole prompt (block by block, collecting the profile), picks
-each KV head's policy, and keeps the chosen rows in one `PolicyStore` per policy (and set of ratios); the prompt's
-full K/V of the layer is then dropped. Later chunks of several tokens (a chat's next turn) keep each head's
-policy and go through the stores' `extend`. A decode step attends over every store of the layer in one Triton kernel
-launch on CUDA (`LayerRows`), and in one batched PyTorch attention per store on the CPU.
+It is a PagedCache (tinygen/paged.py) like the full cache, so the model does not know which cache it runs with.
+Prefill writes the prompt's K/V whole into the layer's rows of the pool, attends over the prompt (block by block,
+collecting the profile), picks each KV head's policy, and each head's row then keeps what its policy keeps, giving
+the blocks past it back to the pool; one `PolicyStore` per policy (and set of ratios) holds the heads' shared state.
+Later chunks of several tokens (a chat's next turn) keep each head's policy and go through the stores' `extend`.
+A decode step is the batch's: every row of every sequence in one attention call per layer.
 
-A layer compresses right after its own prefill, so only one layer's full K/V exists at a time, except with the
-budget profile below a head floor of 1: that allocates across the whole model, so every layer holds its prompt K/V
-(no more than a full cache of the prompt) until the last layer's prefill, when the shared `BudgetPlanner`
-compresses them all.
+A layer compresses right after its own prefill, so the pool holds one layer's whole prompt at a time beyond what
+is kept, except with the budget profile below a head floor of 1: that allocates across the whole model, so every
+layer's rows hold the whole prompt (a full cache of it) until the last layer's prefill, when the shared
+`BudgetPlanner` compresses them all. Either way that is in the pool, counted where the pool is counted.
 """
 from __future__ import annotations
 
@@ -19,78 +19,62 @@ import time
 
 import torch
 
-from ..cache import attention_paths, storage_bytes
 from ..errors import TinygenError
+from ..paged import PagedCache, write_rows
 from .kinds import TokenKinds
 from .budget import BudgetPlanner, Option, shape_menu
 from .policy import (FREQUENT, FULL, LOCAL, FastGenConfig, frequent_budget, kept_count, policy_name, protected_kinds,
                      window)
 from .profile import ProfileStats, choose_policies, profiled_attention, recoveries
-from .store import LayerRows, PolicyStore
+from .store import PolicyStore
 
 
-class FastGenCache:
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, max_len: int, kinds: TokenKinds,
+class FastGenCache(PagedCache):
+    def __init__(self, paged, slot: int, layer: int, n_heads: int, n_kv_heads: int, kinds: TokenKinds,
                  cfg: FastGenConfig, planner: BudgetPlanner | None = None):
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.max_len, self.kinds, self.cfg = max_len, kinds, cfg
+        super().__init__(paged, slot, layer, n_kv_heads)
+        self.n_heads, self.kinds, self.cfg = n_heads, kinds, cfg
         if cfg.budgeted and planner is None:
             # a lone layer spends the budget on its own heads
             planner = BudgetPlanner(1, cfg.kv_budget, cfg.head_floor, shape_menu(cfg.shapes))
         self.planner = planner
-        self.length = 0
         self.policies: list[int] = []  # per KV head, set at prefill
         self.options: list[Option] | None = None  # per KV head, with the budget profile
         self.recovery: torch.Tensor | None = None  # (n_kv_heads, candidates), set at prefill with the paper profile
         self.stats: ProfileStats | None = None
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # prompt K/V awaiting the budget planner
+        self.pending = False  # the prompt whole in the rows, awaiting the budget planner
         self.stores: list[PolicyStore] = []
-        self.rows: LayerRows | None = None  # the stores' rows as device tables, where decode runs the Triton kernel
         self.profile_seconds = 0.0
 
     def attend(self, q, k, v):
-        T = k.shape[1]
-        if self.length == 0:
-            return self._prefill(q, k, v)
-        if self.pending is not None:  # some layer never reached the planner (e.g. a layer swapped for a full cache)
+        if self.pending and self.length:  # some layer never reached the planner (e.g. a layer swapped for a full cache)
             self.planner.plan()
-        self.length += T
-        assert self.length <= self.max_len, f"cache full: {self.length} > {self.max_len}"
+        return super().attend(q, k, v)
+
+    def extend(self, q, k, v):
+        """A chunk after the prompt (a chat's next turn): each head keeps its policy."""
+        self.length += k.shape[1]
+        assert self.length <= self.pool.max_len, f"cache full: {self.length} > {self.pool.max_len}"
         assert len(self.kinds) >= self.length, "feed new tokens to TokenKinds before the model sees them"
-        if T > 1:  # a chunk after the prompt (a chat's next turn): each head keeps its policy
-            out = torch.empty_like(q)
-            for store in self.stores:
-                out.index_copy_(0, store.q_index, store.extend(q, k, v, self.length))
-            if self.rows is not None:
-                self.rows.refresh()
-            return out
-        if self.rows is not None:  # CUDA: every store's attention in one kernel launch
-            grew = [store.append(k, v, self.length) for store in self.stores]
-            if any(grew):
-                self.rows.refresh()
-            out = self.rows.attend(q)
-            for store in self.stores:
-                store.settle(self.length)
-            return out
-        if len(self.stores) == 1:
-            return self.stores[0].decode(q, k, v, self.length)
         out = torch.empty_like(q)
         for store in self.stores:
-            out.index_copy_(0, store.q_index, store.decode(q, k, v, self.length))
+            out.index_copy_(0, store.q_index, store.extend(q, k, v, self.length))
         return out
 
-    def _prefill(self, q, k, v):
-        L = k.shape[1]
+    def prefill(self, q, k, v):
+        """The prompt: attention over it, collecting the profile; its K/V go whole into the rows (as a full cache
+        holds them), and once each head has its policy the rows keep what it keeps (`_build`)."""
+        H, L = k.shape[:2]
         assert len(self.kinds) >= L, "feed the prompt's tokens to TokenKinds before prefill"
+        pos = torch.arange(L, device=k.device).expand(H, L)
+        write_rows(self.pool, self.rows(), k, v, pos, torch.zeros(H, L, dtype=torch.bool, device=k.device), None)
+        self.length = L
         if self.cfg.budgeted:
             # Column sums and the observation window's sums (no local-window sums).
             self.stats = ProfileStats(self.n_kv_heads, L, None, q.device, self.cfg.observation)
             out = profiled_attention(q, k, v, self.stats)
-            self.length = L
-            # (n_kv_heads, L, head_dim): a planner that waits for later layers keeps them past this step, so they
-            # cannot stay views of this layer's qkv; a lone layer's planner compresses them inside register()
-            self.pending = (k, v) if self.planner.n_layers == 1 else (k.contiguous(), v.contiguous())
-            self.planner.register(self)
+            self.pending = True
+            self.planner.register(self)  # a lone layer's planner compresses it there and then
             return out
         fixed = self.cfg.fixed_policy
         need_stats = fixed is None or bool(fixed & FREQUENT)
@@ -105,7 +89,6 @@ class FastGenCache:
             self.policies = choose_policies(self.recovery, self.cfg.threshold)
         else:
             self.policies = [fixed] * self.n_kv_heads
-        self.length = L
         key = None
         if stats is not None and fixed is None:
             # The paper's profile keeps the heavy hitters its recovery counted: the largest column sums (Eq. 1).
@@ -113,7 +96,7 @@ class FastGenCache:
         elif stats is not None:
             # Fixed policies rank as decode steps evict: mean attention, the column sum over the L - j rows that saw j.
             key = stats.mean_attention()
-        self._build([(p, self.cfg) for p in self.policies], k, v, key, stats.colsum if stats is not None else None)
+        self._build([(p, self.cfg) for p in self.policies], key, stats.colsum if stats is not None else None)
         if q.is_cuda:
             torch.cuda.synchronize()
         self.profile_seconds = (stats.seconds if stats else 0.0) + time.perf_counter() - t0
@@ -122,36 +105,34 @@ class FastGenCache:
     def compress(self, options: list[Option]):
         """Budget profile: keep, per KV head, what its option keeps of the prompt (called by the BudgetPlanner)."""
         t0 = time.perf_counter()
-        k, v = self.pending
         # Heavy hitters are ranked as fixed policies rank them (mean attention since arrival, over every prompt row):
         # measured, that keeps better tokens than the observation window's ranking, which serves the allocation.
-        scores = self.stats.colsum
-        key = self.stats.mean_attention()  # (n_kv_heads, L)
         self.options = list(options)
         self._build([(o.policy, dataclasses.replace(self.cfg, local_ratio=o.local_ratio,
-                                                    frequent_ratio=o.frequent_ratio)) for o in options], k, v, key, scores)
+                                                    frequent_ratio=o.frequent_ratio)) for o in options],
+                    self.stats.mean_attention(), self.stats.colsum)
         self.profile_seconds += self.stats.seconds + time.perf_counter() - t0
-        self.pending, self.stats = None, None
+        self.pending, self.stats = False, None
 
-    def _build(self, head_cfgs: list[tuple[int, FastGenConfig]], k, v, key, scores):
-        """One store per distinct (policy, ratios) of the heads. key: (n_kv_heads, L) heavy-hitter ranking;
-        scores: (n_kv_heads, L) the cumulative scores the kept rows start from."""
-        L = k.shape[1]
+    def _build(self, head_cfgs: list[tuple[int, FastGenConfig]], key, scores):
+        """One store per distinct (policy, ratios) of the heads, keeping in its rows what its policy keeps of the
+        prompt they hold whole. key: (n_kv_heads, L) heavy-hitter ranking; scores: (n_kv_heads, L) the cumulative
+        scores the kept slots start from."""
+        L = self.length
         self.policies = [p for p, _ in head_cfgs]
         kinds = self.kinds.by_position[:L]
-        groups = self.n_heads // self.n_kv_heads
         for policy, cfg in sorted(set(head_cfgs), key=lambda pc: (pc[0], pc[1].local_ratio, pc[1].frequent_ratio)):
             heads = [h for h, pc in enumerate(head_cfgs) if pc == (policy, cfg)]
+            store = PolicyStore(self, policy, heads, self.kinds, cfg)
+            self.stores.append(store)
+            kept = kept_count(policy, L, lambda n: self.kinds.protected_before(store.protect, n), cfg)
+            if kept == L and not store.protect and not policy & FREQUENT:  # the rows hold it already
+                store.kept = L
+                continue
             keep = self._initial_residency(policy, cfg, heads, key, kinds)  # (len(heads), L) bool
-            kept = kept_count(policy, L, lambda n: self.kinds.protected_before(protected_kinds(policy), n), cfg)
-            positions = keep.nonzero()[:, 1].view(len(heads), kept)  # ascending per head
-            idx = positions[:, :, None].expand(-1, -1, self.head_dim)
-            hk, hv = k[heads].gather(1, idx), v[heads].gather(1, idx)
-            kept_scores = scores[heads].gather(1, positions) if policy & FREQUENT else None
-            self.stores.append(PolicyStore(policy, heads, self.n_kv_heads, groups, hk, hv, positions, kept_scores,
-                                           self.max_len, self.kinds, cfg))
-        if attention_paths(k.device)[1] == "triton":
-            self.rows = LayerRows(self.stores, groups)
+            positions = keep.nonzero()[:, 1].view(len(heads), kept)  # ascending per head = the logical slots
+            prot = (kinds[positions] & store.protect) != 0
+            store.compact(positions, prot, scores[heads].gather(1, positions) if policy & FREQUENT else None)
 
     @staticmethod
     def _initial_residency(policy, cfg, heads, key, kinds) -> torch.Tensor:
@@ -178,20 +159,20 @@ class FastGenCache:
 
     def kept_tokens(self) -> int:
         """Tokens held, summed over this layer's KV heads."""
-        if self.pending is not None:
-            return self.length * self.n_kv_heads
-        return sum(s.kept * s.kv_index.numel() for s in self.stores)
-
-    def nbytes(self) -> int:
-        # The kernel's tables (`rows`: a few int64 per KV head) are not counted, as FullCache does not count its own.
-        pending = self.pending or ()
-        return storage_bytes(*pending, *(t for s in self.stores for t in s.tensors()))
+        return self.length * self.n_kv_heads if self.pending else super().kept_tokens()
 
 
-def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -> list[FastGenCache]:
-    """One FastGen cache per layer of `model`, sharing the sequence's token kinds (and, with the budget profile
-    below a floor of 1, one planner for the whole model; otherwise each layer plans its own heads)."""
-    c = model.cfg
+def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int, paged=None, slot: int = 0,
+                   first_len: int | None = None) -> list[FastGenCache]:
+    """One FastGen cache per layer of `model`, up to max_len tokens, sharing the sequence's token kinds (and, with
+    the budget profile below a floor of 1, one planner for the whole model; otherwise each layer plans its own
+    heads): the rows of batch slot `slot` of `paged`, or, without one, of a sequence on its own (a batch of one,
+    its pool with room for first_len tokens of a full cache, default max_len, doubling when that runs out)."""
+    from ..paged import lone_batch
+
+    c, lone = model.cfg, paged is None
+    if lone:
+        paged = lone_batch(model, max_len, first_len)
     if cfg.layer_budgets is not None:  # each layer plans alone, with its own share
         if len(cfg.layer_budgets) != c.n_layers:
             raise TinygenError(f"{len(cfg.layer_budgets)} layer budgets for a model of {c.n_layers} layers")
@@ -200,7 +181,10 @@ def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int) -
         planner = (BudgetPlanner(c.n_layers, cfg.kv_budget, cfg.head_floor, shape_menu(cfg.shapes)) if cfg.model_wide
                    else None)
         planners = [planner] * c.n_layers
-    return [FastGenCache(c.n_heads, c.n_kv_heads, c.head_dim, max_len, kinds, cfg, p) for p in planners]
+    caches = [FastGenCache(paged, slot, i, c.n_heads, c.n_kv_heads, kinds, cfg, p) for i, p in enumerate(planners)]
+    if lone:
+        paged.set_batch([(slot, caches)])
+    return caches
 
 
 def policy_map(caches: list[FastGenCache]) -> str:
@@ -222,14 +206,16 @@ def policy_map(caches: list[FastGenCache]) -> str:
     return title + "\n" + "\n".join(lines) + "\n" + legend
 
 
-def make_caches(model, tokenizer, cfg: FastGenConfig, max_len: int):
-    """Per-layer caches for `cfg.policy` and the hook that feeds them token ids (None for the full cache).
+def make_caches(model, tokenizer, cfg: FastGenConfig, max_len: int, paged=None, slot: int = 0,
+                first_len: int | None = None):
+    """Per-layer caches for `cfg.policy` and the hook that feeds them token ids (None for the full cache), for the
+    sequence in batch slot `slot` of `paged`, or, without one, for a sequence on its own (see fastgen_caches).
 
     `full` uses the engine's plain full cache; anything else uses FastGen stores."""
     from ..generate import full_caches
     from .kinds import vocab_kinds
 
     if cfg.policy == "full":
-        return full_caches(model, max_len), None
+        return full_caches(model, max_len, first_len, paged, slot), None
     kinds = TokenKinds(vocab_kinds(tokenizer), max_len, model.embed.weight.device)
-    return fastgen_caches(model, kinds, cfg, max_len), kinds.append
+    return fastgen_caches(model, kinds, cfg, max_len, paged, slot, first_len), kinds.append

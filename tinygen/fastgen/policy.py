@@ -67,7 +67,6 @@ class FastGenConfig:
     threshold: float = 0.98  # paper profile: T, the attention a policy must recover
     local_ratio: float = 0.3  # paper profile and fixed policies: r_l
     frequent_ratio: float = 0.3  # paper profile and fixed policies: r_f
-    growth_block: int = 4  # fewest rows a store grows by when full (see PolicyStore.block_rows)
 
     def __post_init__(self):
         if self.profile not in PROFILES:
@@ -90,8 +89,6 @@ class FastGenConfig:
                 raise TinygenError("layer budgets are for the budget profile at a head floor of 1")
             if not all(0 < b <= 1 for b in self.layer_budgets):
                 raise TinygenError(f"each layer budget must be in (0, 1], got {self.layer_budgets}")
-        if self.growth_block < 1:
-            raise TinygenError("growth_block must be positive")
         parse_policy(self.policy)
 
     @property

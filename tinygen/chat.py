@@ -2,9 +2,9 @@
 
 Each user turn prefills only its own tokens (`Conversation` gives them: the template's rendering of the new message
 as a difference from the history, plus any answer token not yet fed back) into the caches the earlier turns filled.
-The full cache appends them; FastGen's stores take them as a chunk: every head keeps the policy its first profile
-gave it, attends over what it holds plus the chunk, and evicts down to its budget at the new length (store.py,
-`extend`). Re-profiling on a later turn could move a head to a dearer policy, but it could not get back the tokens
+The full cache appends them to its rows; FastGen's stores take them as a chunk: every head keeps the policy its first
+profile gave it, attends over what it holds plus the chunk, and evicts down to its budget at the new length (store.py,
+`extend`), giving blocks back to the conversation's pool. Re-profiling on a later turn could move a head to a dearer policy, but it could not get back the tokens
 its old policy evicted, so a head keeps its policy for the whole conversation.
 
 Commands: /reset, /stats, /exit. Ctrl-C stops the answer being written and keeps the session; Ctrl-D ends it, and
@@ -40,8 +40,9 @@ class ChatSession:
 
     def reset(self):
         self.conv = Conversation(self.tok, self.system)
-        # Sized for the whole context: the full cache and the stores grow in blocks as the conversation does.
-        self.caches, self.on_tokens = make_caches(self.model, self.tok, self.fastgen, self.model.cfg.max_seq_len)
+        # Up to the whole context: the pool starts with room for 512 tokens and doubles as the conversation grows.
+        self.caches, self.on_tokens = make_caches(self.model, self.tok, self.fastgen, self.model.cfg.max_seq_len,
+                                                  first_len=512)
 
     @property
     def seen(self) -> int:

@@ -15,9 +15,9 @@ Method (also written beside the results):
   --layout-ab adds batch 1 and batch 8 in the GEMV layout ((in, out) storage for MKL, loaded on one thread), so
   the layouts are seen side by side.
 - Under a cap: --cap-prompts prompts with batch up to --cap-prompts and --kv-budget-mb set to what
-  N full caches need, for each N in --cap-full (the runner's projection: a full cache of the final length); how many sequences
-  each policy runs at once, its decode throughput and its peak physical KV bytes (storage of the caches' tensors,
-  sampled every 8 steps and at each admission).
+  N full caches need, for each N in --cap-full (the runner's projection: a full cache of the final length); how
+  many sequences each policy runs at once, its decode throughput and its peak KV bytes (the pool's blocks in use at
+  their most, a prefill's whole prompt included).
 """
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ Method (also written beside the results):
 - Prompt: exactly L ids of Pride and Prejudice from chapter 1, no chat template; greedy, batch 1, forced new tokens.
 - For each length, one prefill per method, then --segments rounds in which every method decodes --segment-steps
   tokens in turn (so drifting background load hits all methods alike); the first round is warm-up; decode tok/s
-  is the median over the other rounds. KV bytes are counted from the storage of the
-  cache's tensors at the end (K, V, positions, scores, bitmaps), against a full cache of the same length.
+  is the median over the other rounds. KV bytes are the pool blocks the caches' rows hold at the end (each block
+  the K, V, positions, flags and scores of 16 slots), against a full cache of the same length.
 - Methods: full, the budget profile at 0.7 with every layer at the same share, the same spread across layers by the
   model directory's calibration when it has one (`calibrated`, what cli.py's auto runs), the paper's profile at
   T = 0.98 and 0.95, and local+frequent.
-- Profiling cost: prefill time with `auto` (the profile sums, policy choice, building the compressed stores)
+- Profiling cost: prefill time with `auto` (the profile sums, policy choice, compacting each row to what it keeps)
   against prefill with the full cache (the same block-wise attention), alternating, median over
   1 + --prefill-runs at the shortest length (two at the longer lengths: the table's own prefill and one more).
 """

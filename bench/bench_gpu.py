@@ -11,13 +11,14 @@ Method (also written beside the results):
   hold the same weights. No checkpoint files and no network are needed.
 - Prompts: L random token ids; greedy, batch 1, --new-tokens forced decode steps; each step reads the sampled token
   on the host (the one sync per step, as `generate` does), for HF too (a plain forward loop over its DynamicCache).
-- Methods: `full` (FullCache: SDPA prefill, the Triton decode kernel where triton is installed); `auto (forced
+- Methods: `full` (FullRows, the full cache's rows in the paged pool: SDPA prefill, the Triton paged decode
+  kernel where triton is installed); `auto (forced
   map)`: FastGen with its paper profile run on the prompt (so profiling is timed), then the per-KV-head policy map
   replaced by a fixed pattern (random weights give near-uniform attention, which would send every head to `full`);
   `local+frequent` for every head; `HF` transformers (SDPA attention). Token kinds: ids 0-2 special, every 23rd id
   punctuation (no tokenizer here).
 - Each method runs once per length after a short warm-up of every method per shape (Triton compiles then), decode
-  tok/s = new tokens / the decode loop's wall time; KV bytes from the storage of the cache's tensors after decode;
+  tok/s = new tokens / the decode loop's wall time; KV bytes: the pool blocks the caches' rows hold after decode;
   peak memory: torch.cuda.max_memory_allocated during prefill + decode, above what was allocated before (weights of
   both engines stay resident and are not counted).
 """

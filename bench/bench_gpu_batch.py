@@ -13,13 +13,15 @@ Method (also written beside the results):
   (auto: profiling and the budget planner included), then all B decode together, --new-tokens forced steps each,
   greedy. Decode tok/s = tokens out of decode steps, all sequences, over the decode steps' wall time (each step ends
   in the host reading the sampled ids, so the GPU has finished it). Prefill s: all B prefills together.
-  Methods: `full` (FullCache, SDPA prefill, Triton decode kernel) and `auto` (FastGenConfig(): budget profile, keeps
-  0.7 of every KV head's tokens).
-- Peak KV: the runner's peak of the running caches' tensor storage (sampled at each admission and every 8 steps);
-  "full would hold": full caches of the running sequences' lengths at that moment. Peak GPU memory:
+  Methods: `full` (FullRows, the full cache's rows in the paged pool: SDPA prefill, the Triton paged decode kernel)
+  and `auto` (FastGenConfig(): budget profile, keeps 0.7 of every KV head's tokens); every row of every sequence
+  attends in one kernel call per layer.
+- Peak KV: the runner's peak of the pool's blocks in use (a prefill's whole prompt included); "full would hold": full
+  caches of the running sequences' lengths at their most. Peak GPU memory:
   torch.cuda.max_memory_allocated during the run, above what was allocated before it (the weights).
-- Under a cap: --kv-budget-mb set to what N full caches of L + new tokens need (the runner's projection: final
-  length plus one growth block), P prompts where P is how many auto's projection admits at once; batch P. Both
+- Under a cap: --kv-budget-mb set to what N full caches of L + new tokens need (the runner's projection: the blocks
+  of the final length plus the new token's slot), P prompts where P is how many auto's projection admits at once
+  (one of them prefilling); batch P. Both
   methods run the same P prompts; full runs them in waves. Decode tok/s over the whole run, waves included.
 - A warm-up run of each method (2 prompts of the plan's shortest length, 4 new tokens) precedes the rows: Triton
   compiles, cuBLAS picks its kernels. Each row is run --repeats times (median decode tok/s); rows run in --plan

@@ -5,8 +5,8 @@ Inductor) and compiled as a CUDA graph (torch.compile mode="reduce-overhead"), s
     python bench/bench_gpu_compile.py --smoke --device cpu   # tiny shape, eager and compiled (a check, not a result)
 
 Method: the model of bench_gpu.build (HF LlamaForCausalLM's random weights copied into tinygen, bfloat16); one
-prompt of --length random ids, prefilled eagerly into fresh full caches for each row; the caches reserved to their
-final length before decoding (no growth while timed, so a captured graph keeps its addresses); --warm steps first
+prompt of --length random ids, prefilled eagerly into fresh full caches for each row, whose pool has room for their
+final length from the start (no growth while timed, so a captured graph keeps its addresses); --warm steps first
 (compiling, recording the graph), timed separately; then --steps greedy steps, each reading the sampled id on the
 host, as generate does. Decode tok/s = steps / their wall time. Logit difference: the first step's logits against
 the eager row's, max |difference|.

@@ -161,8 +161,8 @@ def invalid(a) -> list[str]:
          "profile takes --threshold"),
         (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget profile"),
         (a.shapes is not None and not budgeted, "--shapes is for --policy auto with the budget profile"),
-        (a.compile and a.policy != "full", "--compile is for --policy full: FastGen's stores change shape every "
-         "step, which a compiled step cannot follow"),
+        (a.compile and a.policy != "full", "--compile is for --policy full: FastGen's evictions are still host "
+         "decisions, which a compiled step cannot follow"),
         (a.compile and not (a.prompt or a.prompt_file), "--compile is for one prompt (--prompt or --prompt-file)"),
         (a.compile and a.device.startswith("cuda"), "--compile runs on the CPU only (not tested on CUDA yet)"),
         (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile takes "
@@ -342,11 +342,11 @@ def checked(on_layer):
 
 
 def cache_report(caches, cfg, kv_dtype, fastgen: bool) -> dict:
-    """What a finished generation's caches hold, read from their tensors' storage."""
+    """What a finished generation's caches hold: the pool blocks their rows hold (from the pool's tables)."""
     from tinygen.cache import full_kv_bytes, kept_fraction, kept_kv_bytes
 
     length = caches[0].length  # tokens the cache has seen (the last generated token is never fed back)
-    report = {"kv_bytes": sum(c.nbytes() for c in caches),  # allocated: the caches' storage, spare rows included
+    report = {"kv_bytes": sum(c.nbytes() for c in caches),  # the blocks held: kept slots and the next token's
               "kv_bytes_kept": kept_kv_bytes(caches, cfg.head_dim, kv_dtype),  # K+V of the tokens kept
               "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, kv_dtype),
               "kept_fraction": round(kept_fraction(caches), 6), "profile_seconds": 0.0}

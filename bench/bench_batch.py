@@ -92,7 +92,7 @@ def main():
 
     capped = []
     for n_full in [int(x) for x in a.cap_full.split(",")]:
-        cap = n_full * projected_bytes(model, METHODS["full"], a.prompt, a.new)[1]
+        cap = n_full * max(projected_bytes(model, METHODS["full"], a.prompt, a.new))
         for name, cfg in METHODS.items():
             stats = run(model, tok, cfg, prompts[: a.cap_prompts], a.cap_prompts, a.new, cap)
             capped.append((n_full, cap, name, stats.max_running, stats.decode_tokens_per_second, stats.peak_kv_bytes))

@@ -52,7 +52,7 @@ def main():
     prompts = [tok.encode_prompt(r["prompt"]) for r in load_prompts(a.questions, a.prompts)]
     rng = random.Random(0)
     limits = [rng.randint(a.min_new, a.max_new) for _ in prompts]
-    cap = a.cap_full * projected_bytes(model, METHODS["full"], max(map(len, prompts)), a.max_new)[1]
+    cap = a.cap_full * max(projected_bytes(model, METHODS["full"], max(map(len, prompts)), a.max_new))
     print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), new tokens "
           f"{min(limits)}-{max(limits)}, cap {cap / 2**20:.2f} MiB ({a.cap_full} full caches), {a.threads} threads",
           flush=True)

@@ -38,8 +38,8 @@ def run_row(name: str, model, ids: list[int], warm: int, steps: int, device: str
         decode = CompiledDecoder(model, mode="reduce-overhead" if "graph" in name else None)
     caches = full_caches(model, len(ids) + warm + steps + 1)
     token = prefill(model, ids, caches).argmax(-1, keepdim=True)
-    for c in caches:
-        c.reserve(c.max_len)
+    for c in caches:  # every block the run needs, up front: no table changes between steps
+        c.pool.reserve(c.rows(), c.pool.max_len)
     pos, first = len(ids), None
     sync(device)
     t0 = time.perf_counter()

@@ -1,8 +1,8 @@
 """The paged Triton decode kernel against its PyTorch reference, and the reference against dense attention.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors: the `kernels` fixture sets TRITON_INTERPRET
-around the import of tinygen.kernels.paged_attention (as tests/test_triton_decode.py does, and for the same reasons)
-and puts it back after. With a GPU the module is compiled for real and the tensors live on CUDA.
+around the import of tinygen.kernels.paged_attention (Triton reads it when it is imported, when a kernel is
+decorated, and at launches) and puts it back after. With a GPU the module is compiled for real and the tensors live on CUDA.
 """
 import importlib
 import os

@@ -17,8 +17,9 @@ and it waits at the front of the queue, to be prefilled again from its prompt, i
 decode step at a time (so a FastGen sequence gets the same profile and the same evictions), and go on.
 
 Figures (BatchStats), from the pool's host bookkeeping (nothing read from the device): kv_bytes, what the pool
-allocated; peak_kv_bytes, the most its blocks in use held (kv_bytes_used); peak_kv_bytes_kept, K+V of the tokens
-kept; peak_kv_bytes_full, what full caches of the running sequences' lengths would hold; preemptions.
+allocated; peak_kv_bytes, the most its blocks in use ever held, a prefill's whole prompt included (kv_bytes_used);
+peak_kv_bytes_kept, K+V of the tokens kept; peak_kv_bytes_full, what full caches of the running sequences' lengths
+would hold; preemptions.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class BatchStats:
     decode_seconds: float = 0.0
     prefill_seconds: float = 0.0
     kv_bytes: int = 0  # what the pool allocated (blocks, tables, bitmaps)
-    peak_kv_bytes: int = 0  # the most the pool's blocks in use held (kv_bytes_used)
+    peak_kv_bytes: int = 0  # the most the pool's blocks in use ever held, prefills included (kv_bytes_used)
     peak_kv_bytes_kept: int = 0  # the most K+V of the tokens kept took
     peak_kv_bytes_full: int = 0  # the most full caches of the running sequences' lengths would hold
     preemptions: int = 0
@@ -266,7 +267,7 @@ class BatchRunner:
         row = 2 * c.head_dim * dtype.itemsize
         full = sum(full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, s.pos, dtype) for s in self.running)
         kept = row * sum(cache.kept_tokens() for s in self.running for cache in s.caches)
-        stats.peak_kv_bytes = max(stats.peak_kv_bytes, self.pool.used_blocks() * self.pool.block_bytes())
+        stats.peak_kv_bytes = self.pool.high * self.pool.block_bytes()  # the blocks' high-water mark
         stats.peak_kv_bytes_kept = max(stats.peak_kv_bytes_kept, kept)
         stats.peak_kv_bytes_full = max(stats.peak_kv_bytes_full, full)
 

@@ -56,6 +56,7 @@ class KVPool:
         self.freed = torch.zeros(n_rows, dtype=torch.long, device=device)  # each row's slot its last eviction freed
         self.free: list[int] = list(range(n_blocks, 0, -1))  # host: free block ids, the next one last
         self.blocks: list[list[int]] = [[] for _ in range(n_rows)]  # host: each row's blocks, in table order
+        self.high = 0  # host: the most blocks ever in use at once (prefill transients included)
 
     @property
     def n_blocks(self) -> int:
@@ -103,6 +104,7 @@ class KVPool:
                 self._zero(b)
                 self.tables[row, len(held)] = b  # a device write of a host number: no sync
                 held.append(b)
+        self.high = max(self.high, self.used_blocks())
 
     def release(self, rows: list[int]) -> None:
         """A sequence's rows end (it finished, or was preempted): their blocks go back to the free list."""

@@ -69,14 +69,18 @@ class PagedCache:
         return self.pool.held_blocks(self.rows()) * self.pool.block_bytes()
 
 
-def lone_batch(model, max_len: int, first_len: int | None = None) -> "PagedBatch":
-    """A pool and a batch of one for a sequence on its own, with room for `first_len` tokens (default max_len) of
-    a full cache; it doubles when that runs out (a chat), up to max_len tokens."""
+def lone_batch(model, max_len: int, first_len: int | None = None, cfg=None) -> "PagedBatch":
+    """A pool and a batch of one for a sequence on its own, up to max_len tokens, with room for what `cfg`'s
+    caches (default: the full cache) may hold at first_len tokens (default max_len), a prefill's whole prompt
+    included (projection.py); it doubles when that runs out (a chat)."""
+    from .fastgen.policy import FastGenConfig
+    from .projection import block_bytes, projected_bytes
+
     c, w = model.cfg, model.embed.weight
     rows = c.n_layers * c.n_kv_heads
     first = min(max_len, first_len or max_len)
-    pool = KVPool(rows * -(-(first + 1) // BLOCK_SIZE), BLOCK_SIZE, c.head_dim, rows, max_len, w.device, w.dtype,
-                  growable=True)
+    n_blocks = max(projected_bytes(model, cfg or FastGenConfig("full"), first, 0)) // block_bytes(model)
+    pool = KVPool(n_blocks, BLOCK_SIZE, c.head_dim, rows, max_len, w.device, w.dtype, growable=True)
     return PagedBatch(pool, c.n_layers, c.n_heads, c.n_kv_heads)
 
 

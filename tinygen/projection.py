@@ -19,13 +19,14 @@ def projected_bytes(model, cfg: FastGenConfig, prompt_tokens: int, max_new_token
     during its prefill). Steady: every row holds at most its kept share of the final length plus the new token's
     slot, in whole blocks. Prefill: a FastGen layer's rows hold the whole prompt until its profile has chosen
     (one layer at a time, or every layer at once where one planner allocates across the model), the layers before
-    it what they keep."""
+    it what they keep; a full cache's, the whole prompt in every layer."""
     c = model.cfg
     final = min(c.max_seq_len, prompt_tokens + max_new_tokens)  # the caches' max_len: they never grow past it
     share = 1.0 if cfg.policy == "full" else kept_share(cfg)
     slots = min(final + 1, math.ceil(share * final) + 2)  # +1: local+frequent rounds two shares up; +1 the new slot
-    per_layer, whole = c.n_kv_heads * math.ceil(slots / BLOCK_SIZE), c.n_kv_heads * math.ceil(prompt_tokens / BLOCK_SIZE)
-    prefill = (whole if cfg.policy == "full" else c.n_layers * whole if cfg.model_wide
+    per_layer = c.n_kv_heads * math.ceil(slots / BLOCK_SIZE)  # blocks of one layer's rows, kept share
+    whole = c.n_kv_heads * math.ceil(prompt_tokens / BLOCK_SIZE)  # ... holding the whole prompt
+    prefill = (c.n_layers * whole if cfg.policy == "full" or cfg.model_wide
                else (c.n_layers - 1) * per_layer + whole)
     return c.n_layers * per_layer * block_bytes(model), prefill * block_bytes(model)
 

@@ -172,7 +172,7 @@ def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int, p
 
     c, lone = model.cfg, paged is None
     if lone:
-        paged = lone_batch(model, max_len, first_len)
+        paged = lone_batch(model, max_len, first_len, cfg)
     if cfg.layer_budgets is not None:  # each layer plans alone, with its own share
         if len(cfg.layer_budgets) != c.n_layers:
             raise TinygenError(f"{len(cfg.layer_budgets)} layer budgets for a model of {c.n_layers} layers")

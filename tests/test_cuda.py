@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import ROOT
 
-from tinygen.cache import FullRows, attention_paths
+from tinygen.attention import attention_paths
+from tinygen.cache import FullRows
 from tinygen.kvpool import KVPool
 from tinygen.paged import PagedBatch
 from tinygen.errors import TinygenError

@@ -1,8 +1,11 @@
 """Attention in plain PyTorch: a dense reference that returns probabilities, the grouped decode step (the compiled
-step's and the eval baselines'), and block-wise causal attention for prefills and chunks."""
+step's and the eval baselines'), block-wise causal attention for prefills and chunks; and which path each device
+takes (`attention_paths`)."""
 from __future__ import annotations
 
 import torch
+
+from .kernels import triton_available
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -76,3 +79,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: i
         if on_block is not None:
             on_block(probs, r0)
     return out
+
+
+def attention_paths(device: torch.device) -> tuple[str, str]:
+    """(prefill, decode) attention paths for a cache on `device`: the one place where the device decides.
+
+    CUDA: torch SDPA for prefill (flash / memory-efficient kernels) and, where triton is installed, the Triton
+    paged decode kernel (tinygen/kernels/paged_attention.py). CPU: block-wise float32 prefill and the batched
+    PyTorch decode step through the block tables (paged.py)."""
+    if torch.device(device).type == "cuda":
+        return "sdpa", "triton" if triton_available() else "torch"
+    return "blocks", "torch"

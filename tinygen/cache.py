@@ -14,9 +14,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from .attention import causal_attention
+from .attention import attention_paths, causal_attention
 from .fastgen.policy import FULL
-from .kernels import triton_available
 from .paged import PagedCache
 
 
@@ -72,17 +71,6 @@ def kept_kv_bytes(caches: list[KVCache], head_dim: int, dtype: torch.dtype) -> i
     """K+V bytes of the tokens the caches keep (kept_tokens over all layers), without spare rows or a store's
     positions and scores: what the kept tokens take, to set beside the bytes allocated (nbytes) and full_kv_bytes."""
     return 2 * sum(c.kept_tokens() for c in caches) * head_dim * dtype.itemsize
-
-
-def attention_paths(device: torch.device) -> tuple[str, str]:
-    """(prefill, decode) attention paths for a cache on `device`: the one place where the device decides.
-
-    CUDA: torch SDPA for prefill (flash / memory-efficient kernels) and, where triton is installed, the Triton
-    paged decode kernel (tinygen/kernels/paged_attention.py). CPU: block-wise float32 prefill and the batched
-    PyTorch decode step through the block tables (paged.py)."""
-    if torch.device(device).type == "cuda":
-        return "sdpa", "triton" if triton_available() else "torch"
-    return "blocks", "torch"
 
 
 def sdpa_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:

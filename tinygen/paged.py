@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import compute_dtype
+from .attention import attention_paths, compute_dtype
 from .fastgen.policy import FREQUENT, LOCAL, window
 from .kvpool import BLOCK_SIZE, KVPool, host_to_device
 
@@ -93,8 +93,6 @@ class PagedBatch:
         """kernel: attend through the Triton paged kernel (default: where attention_paths says so, on CUDA)."""
         self.pool, self.n_layers, self.n_heads, self.n_kv_heads = pool, n_layers, n_heads, n_kv_heads
         if kernel is None:
-            from .cache import attention_paths  # cache.py builds on this module
-
             kernel = attention_paths(pool.k.device)[1] == "triton"
         self.kernel = kernel
         self.members: list = []

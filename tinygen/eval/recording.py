@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import dense_attention
+from ..cache import storage_bytes
 
 
 class RecordingCache:
@@ -34,6 +35,12 @@ class RecordingCache:
         else:
             self.gen_rows += [group[:, t, : start + t + 1] for t in range(T)]
         return out
+
+    def kept_tokens(self) -> int:
+        return self.length * self.n_kv_heads
+
+    def nbytes(self) -> int:
+        return storage_bytes(self.k, self.v)
 
     def gen_attn(self) -> torch.Tensor:
         """(n_kv_heads, R, L + R) the generated rows, zero beyond each row's own position."""

@@ -186,8 +186,9 @@ def test_stop_string_scanning():
 
 def test_a_request_chooses_its_own_policy(server):
     """A request's `policy` / `kv_budget` (extra body fields) other than the server's auto at 0.7, alone: each answer
-    equals the same prompt's greedy cli.py answer under that configuration (batch 1), its kept fraction and KV bytes
-    equal that run's, and its usage names it; streaming or not."""
+    equals the same prompt's greedy batch-1 answer under that configuration (batch_1_answers, as cli.py
+    --prompts-file --batch 1), its kept fraction and KV bytes equal that run's, and its usage names it; streaming or
+    not."""
     c, model, refs = client(server), server["model"], server["refs"]["mixed"]
     for k, (extra, _, name) in enumerate(POLICIES):  # MIXED[k] asks with POLICIES[k]; k = 0: the server's own
         r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": MIXED[k]}], temperature=0,
@@ -237,7 +238,7 @@ def test_a_request_config_is_the_servers_with_its_policy_and_budget(default_mode
 def test_16_concurrent_streams_of_mixed_policies_equal_batch_1_under_the_cap(server):
     """16 streaming clients at once, prompts of 5 to 130 tokens, cycling four policies (the server's auto at 0.7,
     full, auto at 0.5, local+frequent): each answer and kept fraction equals its batch-1 run under its own policy
-    (cli.py --prompts-file --batch 1), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
+    (batch_1_answers), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
     /metrics counts what was served, by policy too."""
     url, model = server["url"], server["model"]
     before, running, done = metrics(url), [], threading.Event()

@@ -1,10 +1,11 @@
 """cli.py --serve as a real process on a free port, reached by real clients (the official openai package, raw
-HTTP): answers equal cli.py's greedy answers, under the server's policy or the request's own, concurrent streams of
-mixed policies equal their batch-1 answers under a KV cap, a client gone frees its sequence, bad requests get
+HTTP): answers equal cli.py's greedy answers; a request's own policy and concurrent streams of mixed policies equal
+their batch-1 answers under their own policies, under a KV cap; a client gone frees its sequence, bad requests get
 OpenAI-style errors and the server goes on, signals exit 0.
 
 One server (a tiny random model with the default tokenizer, 256 positions, auto at 0.7) serves the whole module;
-a second one starts beside it for the SIGINT test. The cli.py references run while the servers load."""
+a second one starts beside it for the SIGINT test. The references (two cli.py runs, and the batch-1 runs in this
+process, as cli.py --prompts-file --batch 1 builds them) run while the servers load."""
 import http.client
 import json
 import re
@@ -29,11 +30,30 @@ NEW = 16  # the server's --max-new-tokens, and each reference's
 CHAT_PROMPT, RAW_PROMPT = "What is the capital of France?", "Once upon a time"
 MIXED = [("word " * n).strip() if i % 2 else f"Question {i}: " + "tell me more " * n
          for i, n in enumerate([1, 3, 5, 8, 12, 17, 23, 30, 2, 6, 40, 9, 15, 27, 4, 33])]
-# A request's own policy (its body's extra fields; {}: the server's auto at 0.7), the cli.py flags of the same
-# configuration, and the policy its usage reports. MIXED[i] asks with POLICIES[i % 4].
-POLICIES = [({}, [], "auto"), ({"policy": "full"}, ["--policy", "full"], "full"),
-            ({"policy": "auto", "kv_budget": 0.5}, ["--kv-budget", 0.5], "auto"),
-            ({"policy": "local+frequent"}, ["--policy", "local+frequent"], "local+frequent")]
+# A request's own policy (its body's extra fields; {}: the server's auto at 0.7), the FastGenConfig that cli.py
+# builds from the same flags, and the policy its usage reports. MIXED[i] asks with POLICIES[i % 4].
+POLICIES = [({}, {}, "auto"), ({"policy": "full"}, {"policy": "full"}, "full"),
+            ({"policy": "auto", "kv_budget": 0.5}, {"kv_budget": 0.5}, "auto"),
+            ({"policy": "local+frequent"}, {"policy": "local+frequent"}, "local+frequent")]
+
+
+def batch_1_answers(model_dir) -> list[dict]:
+    """Each of MIXED's answer alone under its own policy, as cli.py --prompts-file --batch 1 gives it (the same
+    loader, runner and record): text, kept_fraction, kv_bytes."""
+    from tinygen.batch import BatchRunner
+    from tinygen.fastgen.policy import FastGenConfig
+    from tinygen.loader import load_model
+    from tinygen.sampling import SamplingParams
+    from tinygen.tokenizer import Tokenizer
+
+    model = load_model(model_dir, batch=1)
+    tok = Tokenizer(model_dir, model.cfg.eos_token_ids)
+    out = {}
+    for k, (_, config, _) in enumerate(POLICIES):
+        prompts = [(i, tok.encode_prompt(MIXED[i])) for i in range(k, len(MIXED), len(POLICIES))]
+        BatchRunner(model, tok, FastGenConfig(**config), SamplingParams(), NEW, 1).run(prompts, lambda s: out.update({
+            s.index: {"text": tok.decode(s.out), "kept_fraction": round(s.kept_fraction, 6), "kv_bytes": s.kv_bytes}}))
+    return [out[i] for i in range(len(MIXED))]
 
 
 def free_port() -> int:
@@ -75,21 +95,14 @@ def server(tmp_path_factory, default_model_dir):
     port, port2 = free_port(), free_port()
     main = start_server(model, port, "--kv-budget-mb", CAP_MB, "--batch", 8, "--max-waiting", 24)
     spare = start_server(model, port2, "--kv-budget-mb", SPARE_CAP_MB)
-    refs = {"raw": cli("--model", model, "--prompt", RAW_PROMPT, "--no-chat")}
-    for k, (_, flags, _) in enumerate(POLICIES):  # each policy's share of MIXED, then CHAT_PROMPT, at batch 1
-        (tmp / f"mixed{k}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n"
-                                                     for p in MIXED[k::len(POLICIES)] + [CHAT_PROMPT]))
-        refs[k] = cli("--model", model, "--prompts-file", tmp / f"mixed{k}.jsonl", "--out", tmp / f"out{k}.jsonl",
-                      "--batch", 1, *flags)
+    refs = {"chat": cli("--model", model, "--prompt", CHAT_PROMPT),
+            "raw": cli("--model", model, "--prompt", RAW_PROMPT, "--no-chat")}
+    mixed = batch_1_answers(model)  # in this process while the others load: no more processes on 2 cores
     for name, p in refs.items():
         out, err = p.communicate(timeout=180)
         assert p.returncode == 0, err
         refs[name] = out[:-1]  # the answer, then one newline
-    by_policy = [[json.loads(line) for line in (tmp / f"out{k}.jsonl").read_text().splitlines()]
-                 for k in range(len(POLICIES))]
-    refs["mixed"] = [by_policy[i % len(POLICIES)][i // len(POLICIES)] for i in range(len(MIXED))]  # records
-    refs["chat_by_policy"] = [records[-1] for records in by_policy]
-    refs["chat"] = refs["chat_by_policy"][0]["text"]  # the server's own policy
+    refs["mixed"] = mixed
     url, url2 = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port2}"
     wait_ready(main, url)
     wait_ready(spare, url2)
@@ -172,19 +185,21 @@ def test_stop_string_scanning():
 
 
 def test_a_request_chooses_its_own_policy(server):
-    """A request's `policy` / `kv_budget` (extra body fields) other than the server's auto at 0.7: each answer equals
-    the same prompt's greedy cli.py answer under that configuration (batch 1), its kept fraction equals that run's,
-    and its usage names it; streaming or not."""
-    c, model, refs = client(server), server["model"], server["refs"]["chat_by_policy"]
-    messages = [{"role": "user", "content": CHAT_PROMPT}]
-    for k, (extra, _, name) in enumerate(POLICIES):
-        r = c.chat.completions.create(model=model, messages=messages, temperature=0, extra_body=extra)
+    """A request's `policy` / `kv_budget` (extra body fields) other than the server's auto at 0.7, alone: each answer
+    equals the same prompt's greedy batch-1 answer under that configuration (batch_1_answers, as cli.py
+    --prompts-file --batch 1), its kept fraction and KV bytes equal that run's, and its usage names it; streaming or
+    not."""
+    c, model, refs = client(server), server["model"], server["refs"]["mixed"]
+    for k, (extra, _, name) in enumerate(POLICIES):  # MIXED[k] asks with POLICIES[k]; k = 0: the server's own
+        r = c.chat.completions.create(model=model, messages=[{"role": "user", "content": MIXED[k]}], temperature=0,
+                                      extra_body=extra)
         u = r.usage.model_dump()
         assert (r.choices[0].message.content, u["kept_fraction"]) == (refs[k]["text"], refs[k]["kept_fraction"]), k
         assert u["policy"] == name and u["kv_budget"] == (extra.get("kv_budget", 0.7) if name == "auto" else None)
         assert u["kv_bytes"] == refs[k]["kv_bytes"]
-    assert refs[1]["kept_fraction"] == 1.0 and refs[2]["kept_fraction"] < refs[0]["kept_fraction"] < 1.0
-    text, last = stream_chat(c, model, CHAT_PROMPT, extra_body=POLICIES[3][0])
+    assert refs[1]["kept_fraction"] == 1.0 and 0 < refs[3]["kept_fraction"] < 1.0
+    assert refs[2]["kept_fraction"] < refs[0]["kept_fraction"] < 1.0  # auto at 0.5, then the server's at 0.7
+    text, last = stream_chat(c, model, MIXED[3], extra_body=POLICIES[3][0])
     assert text == refs[3]["text"] and last.usage.model_dump()["policy"] == "local+frequent"
 
 
@@ -223,7 +238,7 @@ def test_a_request_config_is_the_servers_with_its_policy_and_budget(default_mode
 def test_16_concurrent_streams_of_mixed_policies_equal_batch_1_under_the_cap(server):
     """16 streaming clients at once, prompts of 5 to 130 tokens, cycling four policies (the server's auto at 0.7,
     full, auto at 0.5, local+frequent): each answer and kept fraction equals its batch-1 run under its own policy
-    (cli.py --prompts-file --batch 1), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
+    (batch_1_answers), the KV peak stays under --kv-budget-mb while the cap holds answers back, and
     /metrics counts what was served, by policy too."""
     url, model = server["url"], server["model"]
     before, running, done = metrics(url), [], threading.Event()

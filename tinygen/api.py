@@ -169,7 +169,8 @@ def request_config(s: ServerSettings, policy: str | None, budget: float | None) 
         if budget is not None:
             if not cfg.budgeted:
                 why = "the budget profile (this server's auto runs --profile paper)" if policy == "auto" else \
-                    f"policy auto with the budget profile, not {policy!r}"
+                    f"policy auto with the budget profile; this request's policy is {policy!r} (the server's " \
+                    "unless the request names one)"
                 raise ApiError(400, f"kv_budget is for {why}", "kv_budget", "invalid_kv_budget")
             cfg = replace(cfg, kv_budget=budget)
         cfg = with_calibration(cfg, s.calibration, s.n_layers)

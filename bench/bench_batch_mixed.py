@@ -8,8 +8,9 @@ Method (also written beside the results):
 - Methods: the full cache and `auto` (budget 0.7), every row of every running sequence in the paged pool
   (tinygen/kvpool.py, tinygen/paged.py: one attention call per layer for the batch).
 - Decode tok/s counts every sequence's tokens out of decode steps over the decode time; peak KV is the most the
-  pool's blocks in use held (K, V, positions, flags and scores of whole 16-token blocks), and kept the K+V of the
-  tokens the rows keep, both measured after every prefill and step. Median over --repeats after one warm-up round;
+  pool's blocks in use ever held (K, V, positions, flags and scores of whole 16-token blocks; its high-water mark,
+  a FastGen prefill's whole prompt included), and kept the K+V of the tokens the rows keep, measured after every
+  prefill and step. Median over --repeats after one warm-up round;
   the methods alternate within each round.
 """
 from __future__ import annotations

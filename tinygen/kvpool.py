@@ -155,9 +155,14 @@ class KVPool:
     def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
         """K and V of the blocks holding logical slots [0, n_slots) of each row, read through the block tables (a
         copy, padded to whole blocks: R = n_slots rounded up to block_size), and the flat ids of those slots:
-        rows (P,) -> k, v (P, R, head_dim), slots (P, R)."""
-        slots = self.slot_ids(rows, n_slots)
-        return self.k.view(-1, self.head_dim)[slots], self.v.view(-1, self.head_dim)[slots], slots
+        rows (P,) -> k, v (P, R, head_dim), slots (P, R). Whole blocks are copied (index_select: a memcpy of
+        block_size x head_dim each), several times faster than indexing slot by slot."""
+        bs = self.block_size
+        blocks = self.tables[rows, : -(-n_slots // bs)].long()  # (P, nb)
+        P, nb = blocks.shape
+        k = self.k.index_select(0, blocks.flatten()).view(P, nb * bs, self.head_dim)
+        v = self.v.index_select(0, blocks.flatten()).view(P, nb * bs, self.head_dim)
+        return k, v, (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).flatten(1)
 
     def set_bits(self, rows: torch.Tensor, positions: torch.Tensor, on: torch.Tensor | None = None) -> None:
         """Set (or, where `on` is False, clear) the bit of positions (P,) in rows (P,)."""

@@ -324,7 +324,7 @@ def run(a) -> int:
             if stats.stop_reason == "context":
                 print(f"[stopped: reached the model's context limit of {cfg.max_seq_len} tokens]", file=sys.stderr)
             print(f"{line} (profiling {report['profile_seconds']:.3f} s) | kept {report['kept_fraction']:.1%} of "
-                  f"tokens | KV cache {report['kv_bytes'] / 2**20:.2f} MiB allocated, "
+                  f"tokens | KV cache {report['kv_bytes'] / 2**20:.2f} MiB in blocks, "
                   f"{report['kv_bytes_kept'] / 2**20:.2f} MiB kept vs full {report['kv_bytes_full'] / 2**20:.2f} "
                   f"MiB | stop: {stats.stop_reason}]", file=sys.stderr)
         if a.stats_json:

@@ -43,7 +43,7 @@ def test_generates_and_writes_stats_json(chat_model, tmp_path):
     block = 16 * (2 * 16 * 4 + 9)
     assert 3 * 2 * -(-length // 16) * block <= stats["kv_bytes"] <= 3 * 2 * -(-(length + 1) // 16) * block
     assert "decode" in r.stderr and "tok/s" in r.stderr
-    assert "MiB allocated, " in r.stderr and " MiB kept vs full " in r.stderr
+    assert "MiB in blocks, " in r.stderr and " MiB kept vs full " in r.stderr
 
 
 def test_auto_keeps_the_default_budget_and_reports_kept_bytes(chat_model, tmp_path):

@@ -2,10 +2,11 @@
 
 Each user turn prefills only its own tokens (`Conversation` gives them: the template's rendering of the new message
 as a difference from the history, plus any answer token not yet fed back) into the caches the earlier turns filled.
-The full cache appends them to its rows; FastGen's stores take them as a chunk: every head keeps the policy its first
-profile gave it, attends over what it holds plus the chunk, and evicts down to its budget at the new length (store.py,
-`extend`), giving blocks back to the conversation's pool. Re-profiling on a later turn could move a head to a dearer policy, but it could not get back the tokens
-its old policy evicted, so a head keeps its policy for the whole conversation.
+The full cache appends them to its rows; FastGen's stores take them as a chunk: every head keeps the policy its
+first profile gave it, attends over what it holds plus the chunk, and evicts down to its budget at the new length
+(store.py, `extend`), giving blocks back to the conversation's pool. Re-profiling on a later turn could move a head
+to a dearer policy, but it could not get back the tokens its old policy evicted, so a head keeps its policy for the
+whole conversation.
 
 Commands: /reset, /stats, /exit. Ctrl-C stops the answer being written and keeps the session; Ctrl-D ends it, and
 SIGTERM ends it at once (exit 143; the stats file holds every finished turn). With
@@ -83,7 +84,7 @@ class ChatSession:
         cfg, dtype = self.model.cfg, self.model.embed.weight.dtype
         seen = self.seen
         return {"kept_fraction": round(kept_fraction(self.caches), 6) if seen else 1.0,
-                "kv_bytes": sum(c.nbytes() for c in self.caches),  # allocated
+                "kv_bytes": sum(c.nbytes() for c in self.caches),  # the pool blocks its rows hold
                 "kv_bytes_kept": kept_kv_bytes(self.caches, cfg.head_dim, dtype),
                 "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seen, dtype)}
 
@@ -91,7 +92,7 @@ class ChatSession:
         """What /stats shows."""
         s = self.cache_stats()
         lines = [f"[conversation {len(self.conv.ids)} tokens ({self.seen} in the cache) | kept "
-                 f"{s['kept_fraction']:.1%} of tokens | KV cache {s['kv_bytes'] / 2**20:.2f} MiB allocated, "
+                 f"{s['kept_fraction']:.1%} of tokens | KV cache {s['kv_bytes'] / 2**20:.2f} MiB in blocks, "
                  f"{s['kv_bytes_kept'] / 2**20:.2f} MiB kept vs full "
                  f"{s['kv_bytes_full'] / 2**20:.2f} MiB]"]
         if self.on_tokens is not None and self.seen and self.fastgen.policy == "auto":

@@ -10,11 +10,12 @@ give them back.
 
 A new prompt is prefilled on its own, straight into its rows (FastGen's profile then keeps in each row what its
 head's policy keeps and gives the other blocks back), and joins when its projected blocks (the most it holds,
-prefilling or at its final length: `projected_bytes`) fit in the free list. Memory is the pool: `kv_cap_bytes` (--kv-budget-mb) sizes it
-once; without a cap it holds `batch` full caches of the model's context. When a running sequence needs a block and
-none is free, the most recently admitted sequence is preempted (vLLM's recompute preemption): its blocks are freed
-and it waits at the front of the queue, to be prefilled again from its prompt, its generated tokens fed again one
-decode step at a time (so a FastGen sequence gets the same profile and the same evictions), and go on.
+prefilling or at its final length: `projected_bytes`) fit in the free list. Memory is the pool: `kv_cap_bytes`
+(--kv-budget-mb) sizes it once; without a cap it holds `batch` full caches of the model's context. When a running
+sequence needs a block and none is free, the most recently admitted sequence is preempted (vLLM's recompute
+preemption): its blocks are freed and it waits at the front of the queue, to be prefilled again from its prompt, its
+generated tokens fed again one decode step at a time (so a FastGen sequence gets the same profile and the same
+evictions), and go on.
 
 Figures (BatchStats), from the pool's host bookkeeping (nothing read from the device): kv_bytes, what the pool
 allocated; peak_kv_bytes, the most its blocks in use ever held, a prefill's whole prompt included (kv_bytes_used);

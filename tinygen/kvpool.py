@@ -137,7 +137,8 @@ class KVPool:
 
     def write(self, rows: torch.Tensor, logical: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
               prot: torch.Tensor, score: torch.Tensor | None = None) -> None:
-        """Write tokens into logical slots: rows (P,), logical (P, R); k, v (P, R, head_dim); pos, prot, score (P, R)."""
+        """Write tokens into logical slots: rows (P,), logical (P, R); k, v (P, R, head_dim); pos, prot, score
+        (P, R)."""
         at = self.slots(rows, logical).flatten()
         self.k.view(-1, self.head_dim)[at] = k.reshape(-1, self.head_dim).to(self.k.dtype)
         self.v.view(-1, self.head_dim)[at] = v.reshape(-1, self.head_dim).to(self.v.dtype)

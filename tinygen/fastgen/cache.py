@@ -167,7 +167,8 @@ def fastgen_caches(model, kinds: TokenKinds, cfg: FastGenConfig, max_len: int, p
     """One FastGen cache per layer of `model`, up to max_len tokens, sharing the sequence's token kinds (and, with
     the budget profile below a floor of 1, one planner for the whole model; otherwise each layer plans its own
     heads): the rows of batch slot `slot` of `paged`, or, without one, of a sequence on its own (a batch of one,
-    its pool with room for first_len tokens of a full cache, default max_len, doubling when that runs out)."""
+    its pool with room for what this policy holds at first_len tokens, default max_len, doubling when that runs
+    out)."""
     from ..paged import lone_batch
 
     c, lone = model.cfg, paged is None

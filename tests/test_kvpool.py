@@ -88,11 +88,11 @@ def test_paged_steps_equal_each_sequence_alone(device, scenario, monkeypatch):
     run_scenario(device, scenario, monkeypatch, kernel=False)
 
 
-@pytest.mark.parametrize("scenario", ["full", "all-kinds"])
-def test_the_kernel_path_equals_each_sequence_alone(kernels, scenario, monkeypatch):  # noqa: F811
+def test_the_kernel_path_equals_each_sequence_alone(kernels, monkeypatch):  # noqa: F811
     """The batch attends through the Triton paged kernel and its score update (on CUDA, or under the interpreter
-    on the CPU): the same answers, residency and kept counts as each sequence alone on the PyTorch path."""
-    run_scenario("cuda" if torch.cuda.is_available() else "cpu", scenario, monkeypatch, kernel=True)
+    on the CPU): the same answers, residency and kept counts as each sequence alone on the PyTorch path, for a
+    batch holding every kind (a full cache, paper mixes, the budget profile, special+punct)."""
+    run_scenario("cuda" if torch.cuda.is_available() else "cpu", "all-kinds", monkeypatch, kernel=True)
 
 
 def run_scenario(device, scenario, monkeypatch, kernel: bool):

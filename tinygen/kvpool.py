@@ -146,24 +146,29 @@ class KVPool:
         self.prot.view(-1)[at] = prot.flatten()
         self.score.view(-1)[at] = 0.0 if score is None else score.flatten().float()
 
-    def slot_ids(self, rows: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """Flat ids of logical slots [0, n_slots) of each row, rounded up to whole blocks (R): rows (P,) -> (P, R).
-        Table entries past a row's blocks name the null block."""
+    def _blocks(self, rows: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """(P, nb) block ids holding logical slots [0, n_slots) of each row (the null block past a row's own)."""
+        return self.tables[rows, : -(-n_slots // self.block_size)].long()
+
+    def _slot_ids(self, blocks: torch.Tensor) -> torch.Tensor:
+        """(P, nb) block ids -> (P, nb * block_size) flat slot ids."""
         bs = self.block_size
-        blocks = self.tables[rows, : -(-n_slots // bs)].long()  # (P, nb)
-        return (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).flatten(1)
+        return (blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)).flatten(1)
+
+    def slot_ids(self, rows: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """Flat ids of logical slots [0, n_slots) of each row, rounded up to whole blocks (R): rows (P,) -> (P, R)."""
+        return self._slot_ids(self._blocks(rows, n_slots))
 
     def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
         """K and V of the blocks holding logical slots [0, n_slots) of each row, read through the block tables (a
         copy, padded to whole blocks: R = n_slots rounded up to block_size), and the flat ids of those slots:
         rows (P,) -> k, v (P, R, head_dim), slots (P, R). Whole blocks are copied (index_select: a memcpy of
         block_size x head_dim each), several times faster than indexing slot by slot."""
-        bs = self.block_size
-        blocks = self.tables[rows, : -(-n_slots // bs)].long()  # (P, nb)
-        P, nb = blocks.shape
-        k = self.k.index_select(0, blocks.flatten()).view(P, nb * bs, self.head_dim)
-        v = self.v.index_select(0, blocks.flatten()).view(P, nb * bs, self.head_dim)
-        return k, v, (blocks[:, :, None] * bs + torch.arange(bs, device=rows.device)).flatten(1)
+        blocks = self._blocks(rows, n_slots)
+        P, R, flat = blocks.shape[0], blocks.shape[1] * self.block_size, blocks.flatten()
+        k = self.k.index_select(0, flat).view(P, R, self.head_dim)
+        v = self.v.index_select(0, flat).view(P, R, self.head_dim)
+        return k, v, self._slot_ids(blocks)
 
     def set_bits(self, rows: torch.Tensor, positions: torch.Tensor, on: torch.Tensor | None = None) -> None:
         """Set (or, where `on` is False, clear) the bit of positions (P,) in rows (P,)."""

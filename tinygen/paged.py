@@ -36,6 +36,17 @@ def write_rows(pool: KVPool, rows: list[int], k, v, pos, prot, score) -> None:
     pool.mark(idx, pos, replace=True)
 
 
+def keep_rank(pos, prot, score, win_start, length, frequent) -> torch.Tensor:
+    """How much each slot deserves to stay: +inf for protected tokens and the local window (pos >= win_start), else
+    the mean attention since arrival (cumulative score / the length - pos queries that saw it), or, without
+    `frequent`, the position (newer stays). The decode step evicts its argmin; a chunk keeps its top (store.py).
+    Ranking by the raw cumulative score (notes decision 6) would evict nearly every new token at once, since it
+    competes with prompt tokens that summed a whole prompt's attention: see docs/fastgen.md. pos, prot, score
+    (P, R); win_start, length, frequent: per row (P, 1) tensors, or numbers."""
+    key = torch.where(torch.as_tensor(frequent, device=pos.device), score / (length - pos), pos.float())
+    return key.masked_fill(prot | (pos >= win_start), float("inf"))
+
+
 class PagedCache:
     """One layer of one sequence in the pool (KVCache). `attend` takes the prompt (`prefill`), a later chunk of
     several tokens (`extend`: a chat's next turn), or one decode step, which goes through the sequence's batch."""
@@ -117,10 +128,10 @@ class PagedBatch:
 
     def reserve_layer(self, cache: PagedCache) -> None:
         """Blocks for the next step of one sequence's layer: each row group's kept + 1 slots (raises PoolFull)."""
-        for s in cache.stores:
-            rows = cache.rows(s.kv_heads)
-            if len(self.pool.blocks[rows[0]]) * self.pool.block_size < s.kept + 1:
-                self.pool.reserve(rows, s.kept + 1)
+        for s in cache.stores:  # a group's rows hold the same blocks: its first row tells (no list built a step)
+            if len(self.pool.blocks[self.row(cache.slot, cache.layer, s.kv_heads[0])]) * self.pool.block_size \
+                    < s.kept + 1:
+                self.pool.reserve(cache.rows(s.kv_heads), s.kept + 1)
 
     def reserve(self, caches: list) -> None:
         """Blocks for the next step of one sequence, every layer (raises PoolFull)."""
@@ -187,10 +198,9 @@ class PagedBatch:
         pool.bitmap[rows, new_pos // 8] |= ((1 << new_pos % 8) * keep).to(torch.uint8)
         if evicting:
             pos = pool.pos.view(-1)[slots]  # (P, R')
-            must = pool.prot.view(-1)[slots] | (pos >= win_start[:, None]) | beyond
-            mean = pool.score.view(-1)[slots] / (length[:, None] - pos)  # mean attention since arrival
-            key = torch.where(frequent.bool()[:, None], mean, pos.float())
-            victim = key.masked_fill(must, float("inf")).argmin(dim=1)  # (P,) logical slots
+            key = keep_rank(pos, pool.prot.view(-1)[slots], pool.score.view(-1)[slots], win_start[:, None],
+                            length[:, None], frequent.bool()[:, None])
+            victim = key.masked_fill(beyond, float("inf")).argmin(dim=1)  # (P,) logical slots
             gone = pos.gather(1, victim[:, None])[:, 0].long().clamp(min=0)
             evicts = evicts.bool()
             pool.bitmap[rows, gone // 8] &= torch.where(evicts, ~(1 << gone % 8), -1).to(torch.uint8)

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from ..attention import causal_attention
-from ..paged import write_rows
+from ..paged import keep_rank, write_rows
 from .kinds import TokenKinds
-from .policy import FREQUENT, LOCAL, FastGenConfig, kept_count, protected_kinds, window
+from .policy import FREQUENT, FastGenConfig, kept_count, protected_kinds, window
 
 
 class PolicyStore:
@@ -46,16 +46,10 @@ class PolicyStore:
         return kept_count(self.policy, length, lambda n: self.kinds.protected_before(self.protect, n), self.cfg)
 
     def rank(self, pos: torch.Tensor, prot: torch.Tensor, score: torch.Tensor, length: int) -> torch.Tensor:
-        """(heads, n) how much each slot deserves to stay: +inf for protected tokens and the local window, else the
-        mean attention since arrival (cumulative score / the length - pos queries that saw it), or, without
-        `frequent`, the position (newer stays). Ranking by the raw cumulative score (notes decision 6) would evict
-        nearly every new token at once, since it competes with prompt tokens that summed a whole prompt's
-        attention: see docs/fastgen.md. The batch's decode step evicts the argmin of this same key."""
-        must = prot
-        if self.policy & LOCAL:
-            must = must | (pos >= length - window(self.policy, length, self.cfg))
-        key = score / (length - pos) if self.policy & FREQUENT else pos.float()
-        return key.masked_fill(must, float("inf"))
+        """(heads, n) how much each slot deserves to stay at `length`: paged.keep_rank with this policy's window
+        (none without `local`) and ranking (mean attention with `frequent`, else the position)."""
+        return keep_rank(pos, prot, score, length - window(self.policy, length, self.cfg), length,
+                         bool(self.policy & FREQUENT))
 
     def _read(self, logical: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """K, V, position, protected flag and score of logical slots (heads, n) of the rows (copies)."""

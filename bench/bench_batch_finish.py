@@ -18,38 +18,27 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EVAL_DIR  # noqa: E402
+from bench.common import add_mt_bench_args, load_mt_bench  # noqa: E402
 from tinygen.batch import BatchRunner  # noqa: E402
 from tinygen.projection import projected_bytes  # noqa: E402
-from tinygen.eval.prompts import load_prompts  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
-from tinygen.loader import load_model  # noqa: E402
 from tinygen.sampling import SamplingParams  # noqa: E402
-from tinygen.tokenizer import Tokenizer  # noqa: E402
 
 METHODS = {"full": FastGenConfig(policy="full"), "auto budget=0.7": FastGenConfig()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--questions", default=str(EVAL_DIR / "mt_bench.jsonl"))
-    p.add_argument("--prompts", type=int, default=32)
+    add_mt_bench_args(p, prompts=32)
     p.add_argument("--min-new", type=int, default=16)
     p.add_argument("--max-new", type=int, default=128)
     p.add_argument("--cap-full", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    model = load_model(a.model, batch=a.cap_full)
-    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    prompts = [tok.encode_prompt(r["prompt"]) for r in load_prompts(a.questions, a.prompts)]
+    model, tok, prompts = load_mt_bench(a, batch=a.cap_full)
     rng = random.Random(0)
     limits = [rng.randint(a.min_new, a.max_new) for _ in prompts]
     cap = a.cap_full * max(projected_bytes(model, METHODS["full"], max(map(len, prompts)), a.max_new))

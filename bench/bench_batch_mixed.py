@@ -20,37 +20,26 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import EVAL_DIR, machine_lines, write_report  # noqa: E402
+from bench.common import add_mt_bench_args, load_mt_bench, machine_lines, write_report  # noqa: E402
 from tinygen.batch import BatchRunner  # noqa: E402
-from tinygen.eval.prompts import load_prompts  # noqa: E402
 from tinygen.fastgen.policy import FastGenConfig  # noqa: E402
-from tinygen.loader import load_model  # noqa: E402
 from tinygen.sampling import SamplingParams  # noqa: E402
-from tinygen.tokenizer import Tokenizer  # noqa: E402
 
 METHODS = {"full": FastGenConfig(policy="full"), "auto budget=0.7": FastGenConfig()}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--questions", default=str(EVAL_DIR / "mt_bench.jsonl"))
-    p.add_argument("--prompts", type=int, default=16)
+    add_mt_bench_args(p, prompts=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    model = load_model(a.model, batch=a.batch)
-    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
-    prompts = [tok.encode_prompt(r["prompt"]) for r in load_prompts(a.questions, a.prompts)]
+    model, tok, prompts = load_mt_bench(a, batch=a.batch)
     lengths = sorted(len(p) for p in prompts)
 
     rates, peaks = {name: [] for name in METHODS}, {}

@@ -119,3 +119,24 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def add_mt_bench_args(parser, prompts: int) -> None:
+    """The flags of a batch benchmark on MT-Bench first turns: --model, --questions, --prompts, --threads."""
+    parser.add_argument("--model", default=str(ROOT / "weights" / "SmolLM2-135M-Instruct"))
+    parser.add_argument("--questions", default=str(EVAL_DIR / "mt_bench.jsonl"))
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def load_mt_bench(a, batch: int):
+    """Those flags -> (model loaded for `batch` rows, tokenizer, the first --prompts first turns as chat ids), with
+    --threads set."""
+    from tinygen.eval.prompts import load_prompts
+    from tinygen.loader import load_model
+    from tinygen.tokenizer import Tokenizer
+
+    torch.set_num_threads(a.threads)
+    model = load_model(a.model, batch=batch)
+    tok = Tokenizer(a.model, model.cfg.eos_token_ids)
+    return model, tok, [tok.encode_prompt(r["prompt"]) for r in load_prompts(a.questions, a.prompts)]

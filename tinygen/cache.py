@@ -133,3 +133,14 @@ class FullRows(PagedCache):
 def kept_fraction(caches: list[KVCache]) -> float:
     """Tokens held over tokens a full cache would hold, across layers and KV heads."""
     return sum(c.kept_tokens() for c in caches) / sum(c.length * c.n_kv_heads for c in caches)
+
+
+def cache_figures(caches: list[KVCache], cfg, dtype: torch.dtype) -> dict:
+    """What a sequence's caches hold, as the stats lines and files report it: kv_bytes, the pool blocks their rows
+    hold; kv_bytes_kept, K+V of the tokens kept; kv_bytes_full, a full cache of the tokens seen; kept_fraction
+    (1.0 before any token)."""
+    seen = caches[0].length  # tokens the caches have seen (an answer's last token is not fed back)
+    return {"kept_fraction": round(kept_fraction(caches), 6) if seen else 1.0,
+            "kv_bytes": sum(c.nbytes() for c in caches),
+            "kv_bytes_kept": kept_kv_bytes(caches, cfg.head_dim, dtype),
+            "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seen, dtype)}

@@ -18,7 +18,7 @@ import signal
 import sys
 from typing import Callable
 
-from .cache import full_kv_bytes, kept_fraction, kept_kv_bytes
+from .cache import cache_figures
 from .cliutil import check_interrupted, exit_code, handled, write_json_atomic
 from .conversation import Conversation
 from .errors import TinygenError
@@ -81,12 +81,7 @@ class ChatSession:
                 "stop_reason": stats.stop_reason, **self.cache_stats()}
 
     def cache_stats(self) -> dict:
-        cfg, dtype = self.model.cfg, self.model.embed.weight.dtype
-        seen = self.seen
-        return {"kept_fraction": round(kept_fraction(self.caches), 6) if seen else 1.0,
-                "kv_bytes": sum(c.nbytes() for c in self.caches),  # the pool blocks its rows hold
-                "kv_bytes_kept": kept_kv_bytes(self.caches, cfg.head_dim, dtype),
-                "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, seen, dtype)}
+        return cache_figures(self.caches, self.model.cfg, self.model.embed.weight.dtype)
 
     def describe(self) -> str:
         """What /stats shows."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .cache import full_kv_bytes, kept_fraction, kept_kv_bytes
+from .cache import cache_figures
 from .cliutil import check_interrupted, exit_code, held, read_text, write_json_atomic
 from .compiled import CompiledDecoder
 from .errors import TinygenError
@@ -96,12 +96,8 @@ def checked(on_layer):
 
 
 def cache_report(caches, cfg, kv_dtype, fastgen: bool) -> dict:
-    """What a finished generation's caches hold: the pool blocks their rows hold (from the pool's tables)."""
-    length = caches[0].length  # tokens the cache has seen (the last generated token is never fed back)
-    report = {"kv_bytes": sum(c.nbytes() for c in caches),  # the blocks held: kept slots and the next token's
-              "kv_bytes_kept": kept_kv_bytes(caches, cfg.head_dim, kv_dtype),  # K+V of the tokens kept
-              "kv_bytes_full": full_kv_bytes(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, length, kv_dtype),
-              "kept_fraction": round(kept_fraction(caches), 6), "profile_seconds": 0.0}
+    """What a finished generation's caches hold (cache_figures), and with FastGen its profiling time and policies."""
+    report = {**cache_figures(caches, cfg, kv_dtype), "profile_seconds": 0.0}
     if fastgen:
         report["profile_seconds"] = round(sum(c.profile_seconds for c in caches), 6)
         report["policies"] = [c.head_names() for c in caches]

@@ -84,8 +84,11 @@ def parse_args(argv):
                    "once (default 8)")
     p.add_argument("--kv-budget-mb", type=float, default=None, metavar="M", help="--prompts-file and --serve: cap on "
                    "the KV caches' bytes (MiB); a prompt joins the batch when its projected cache fits")
-    p.add_argument("--compile", action="store_true", help="decode through torch.compile (CPU, --policy full, one "
-                   "prompt): fewer, fused ops per step; compiling takes about 50 s at every start")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, decode op by op instead of replaying "
+                   "the step as CUDA graphs (graphs.py)")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile (CPU, every policy; a "
+                   "prompt, a chat or a prompts file): fewer, fused ops per step; compiling takes about a minute at "
+                   "every start")
     p.add_argument("--progress", action="store_true", help="show the progress line of long prefills (1k tokens or "
                    "more) even when stderr is not a terminal")
     p.add_argument("--resume", action="store_true", help="--prompts-file: keep the answers already in --out and "
@@ -161,9 +164,8 @@ def invalid(a) -> list[str]:
          "profile takes --threshold"),
         (a.calibration is not None and not budgeted, "--calibration is for --policy auto with the budget profile"),
         (a.shapes is not None and not budgeted, "--shapes is for --policy auto with the budget profile"),
-        (a.compile and a.policy != "full", "--compile is for --policy full: FastGen's evictions are still host "
-         "decisions, which a compiled step cannot follow"),
-        (a.compile and not (a.prompt or a.prompt_file), "--compile is for one prompt (--prompt or --prompt-file)"),
+        (a.compile and a.perplexity is not None, "--compile is for --prompt, --prompt-file, --chat and "
+         "--prompts-file"),
         (a.compile and a.device.startswith("cuda"), "--compile runs on the CPU only (not tested on CUDA yet)"),
         (budgeted and a.threshold is not None, "--threshold is for --profile paper; the budget profile takes "
          "--kv-budget"),
@@ -261,8 +263,17 @@ def run(a) -> int:
         return run_prompts_file(a, model, tok, fastgen, sampling, progress.show)
     if a.chat:
         from tinygen.chat import ChatSession, run_chat
+        from tinygen.graphs import GraphStep, graphs_wanted
 
-        session = ChatSession(model, tok, fastgen, sampling, a.max_new_tokens, a.system, progress, a.ignore_eos)
+        decode = None
+        if a.compile:
+            from tinygen.compiled import compiled_step
+
+            decode = compiled_step(model, tok, fastgen)[0].decoder
+        elif graphs_wanted(a, model):
+            decode = GraphStep(model).decoder
+        session = ChatSession(model, tok, fastgen, sampling, a.max_new_tokens, a.system, progress, a.ignore_eos,
+                              decode)
         return run_chat(session, a.stats_json)
 
     return run_one_shot(a, model, tok, fastgen, sampling, progress, device, calibration)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import (GB, load_average, machine_lines, max_rss_bytes, prompt_ids, read_bandwidth_gbs,  # noqa: E402
                           timed, write_atomic)
-from tinygen.compiled import CompiledDecoder  # noqa: E402
+from tinygen.compiled import CompiledStep  # noqa: E402
 from tinygen.generate import GenerationStats, decode_step, full_caches, generate, prefill  # noqa: E402
 from tinygen.loader import DTYPES, load_model  # noqa: E402
 from tinygen.quant import MODES, weight_bytes_per_token  # noqa: E402
@@ -80,7 +80,7 @@ def parse_args():
 class Tinygen:
     def __init__(self, model_dir, mode: str, ids: list[int], n_new: int):
         self.name, self.engine = f"tinygen {mode}", "tinygen"
-        mode, _, extra = mode.partition("+")  # "+compile": decode through compiled.CompiledDecoder
+        mode, _, extra = mode.partition("+")  # "+compile": decode through compiled.CompiledStep
         dtype, _, quantize = mode.rpartition("/") if "/" in mode else ("", "", mode)
         quantize = quantize if quantize in MODES else None
         self.mode, self.compiled = quantize or mode, extra == "compile"
@@ -88,9 +88,10 @@ class Tinygen:
         self.model = load_model(model_dir, device="cpu", dtype=self.dtype, quantize=quantize, prepack=not self.compiled)
         self.decode, self.compile_seconds = decode_step, 0.0
         if self.compiled:
-            self.decode = CompiledDecoder(self.model)
-            self.compile_seconds = self.decode.warm_up()
-            assert self.decode.compiled, f"{self.name}: torch.compile failed"
+            step = CompiledStep(self.model)
+            self.compile_seconds = step.warm_up()
+            assert step.compiled, f"{self.name}: torch.compile failed"
+            self.decode = step.decoder
         self.ids, self.n_new = ids, n_new
         self.weight_bytes = weight_bytes_per_token(self.model)
 

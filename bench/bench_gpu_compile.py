@@ -1,4 +1,4 @@
-"""The full cache's decode step on a GPU: eager (`decode_step`, op by op), compiled (`compiled.CompiledDecoder`,
+"""The full cache's decode step on a GPU: eager (`decode_step`, op by op), compiled (`compiled.CompiledStep`,
 Inductor) and compiled as a CUDA graph (torch.compile mode="reduce-overhead"), side by side on one random-weight model.
 
     python bench/bench_gpu_compile.py               # Llama-3.2-1B shape, 4k -> bench/results/gpu_compile_<gpu>.md
@@ -26,16 +26,17 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_gpu import SHAPES, SMOKE_SHAPES, build, sync  # noqa: E402
 from bench.common import machine_lines, write_atomic  # noqa: E402
-from tinygen.compiled import CompiledDecoder  # noqa: E402
+from tinygen.compiled import CompiledStep  # noqa: E402
 from tinygen.generate import decode_step, full_caches, prefill  # noqa: E402
 from tinygen.loader import DTYPES  # noqa: E402
 
 
 @torch.inference_mode()
 def run_row(name: str, model, ids: list[int], warm: int, steps: int, device: str) -> dict:
-    decode = decode_step
+    decode, step = decode_step, None
     if name != "eager":
-        decode = CompiledDecoder(model, mode="reduce-overhead" if "graph" in name else None)
+        step = CompiledStep(model, mode="reduce-overhead" if "graph" in name else None)
+        decode = step.decoder
     caches = full_caches(model, len(ids) + warm + steps + 1)
     token = prefill(model, ids, caches).argmax(-1, keepdim=True)
     for c in caches:  # every block the run needs, up front: no table changes between steps
@@ -55,7 +56,7 @@ def run_row(name: str, model, ids: list[int], warm: int, steps: int, device: str
         pos += 1
     decode_s = time.perf_counter() - t0
     return dict(method=name, warm_s=warm_s, decode_tps=steps / decode_s, ms_per_step=decode_s / steps * 1e3,
-                compiled=getattr(decode, "compiled", None), first_logits=first)
+                compiled=getattr(step, "compiled", None), first_logits=first)
 
 
 def main():

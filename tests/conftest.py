@@ -106,3 +106,14 @@ def kept_set(option, key: torch.Tensor, L: int) -> torch.Tensor:
     older = sorted(range(L - w), key=lambda j: (-float(key[j]), j))
     keep[older[:k]] = True
     return keep
+
+
+def decode_one(cache, token: int, q, k, v):
+    """One decode step of a one-layer cache running alone in its batch, through the batch's step driven layer by
+    layer (step.plan, step.attend): q (n_heads, 1, head_dim), k/v (n_kv_heads, 1, head_dim) -> (n_heads, 1,
+    head_dim). Feed the token to the cache's kinds first, as a decode loop does."""
+    paged = cache.paged
+    paged.set_batch([(cache.slot, [cache])])
+    paged.reserve([cache])
+    paged.begin_layers([token], [cache.length])
+    return paged.attend_layer(0, q[None], k[None], v[None])[0]

@@ -15,7 +15,7 @@ from tinygen.projection import projected_bytes
 from tinygen.fastgen.cache import fastgen_caches
 from tinygen.fastgen.kinds import TokenKinds
 from tinygen.fastgen.policy import FastGenConfig
-from tinygen.generate import full_caches, prefill
+from tinygen.generate import decode_step, full_caches, prefill
 from tinygen.loader import load_model
 from tinygen.sampling import SamplingParams
 from tinygen.tokenizer import Tokenizer
@@ -29,8 +29,9 @@ MIXED = ["Hi!", "What is the capital of France?", "Write a haiku about the sea a
 @pytest.mark.parametrize("policy", ["full", "auto"])
 def test_batched_forward_equals_one_sequence_at_a_time(tiny_model_dir, device, policy):
     """Three sequences at different positions (prompts of 5, 9 and 14 tokens), each with its own caches (FastGen:
-    its own profile): one forward of their (3, 1) decode tokens gives each the logits its own forward gives, step
-    after step while the stores evict, and their caches end up the same."""
+    its own profile): one forward of their (3, 1) tokens (each a chunk of one token, model.forward) gives each the
+    logits its decode step gives (step.py, a batch of one), step after step while the stores evict, and their
+    caches end up the same."""
     model = load_model(tiny_model_dir, device=device)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (5, 9, 14)]
@@ -51,7 +52,7 @@ def test_batched_forward_equals_one_sequence_at_a_time(tiny_model_dir, device, p
     for step in range(8):
         tokens = torch.randint(3, 97, (3, 1), generator=g).to(device)
         with torch.inference_mode():
-            want = torch.stack([model(tokens[i, :1].view(1), alone[i], len(p) + step)[0] for i, p in enumerate(prompts)])
+            want = torch.stack([decode_step(model, tokens[i], alone[i], len(p) + step) for i, p in enumerate(prompts)])
             got = model(tokens, batched, [len(p) + step for p in prompts])[:, 0]  # (3, vocab)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for a, b in zip(alone, batched):
@@ -261,7 +262,7 @@ def test_byte_figures_are_the_pools_storage_at_every_step(tiny_engine, cfg):
     def check(r, seqs):
         pool.check()
         assert r.stats.kv_bytes == storage_bytes(pool.k, pool.v, pool.pos, pool.prot, pool.score, pool.tables,
-                                                 pool.bitmap, pool.freed)
+                                                 pool.bitmap, *pool.row_state())
         rows = [x for s in seqs for x in r.paged.slot_rows(s.slot)]
         held = sum(len(pool.blocks[x]) for x in rows)
         assert held == pool.used_blocks()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import ROOT, assert_one_line_error
 
+import tinygen.eval.runner as runner
 from tinygen.attention import dense_attention
 from tinygen.eval.methods import FIXED, Method, match_ratio, predicted_kept, with_ratio
 from tinygen.eval.metrics import first_departure, step_metrics, summarize
@@ -16,6 +17,7 @@ from tinygen.eval.prompts import load_prompts
 from tinygen.eval.runner import evaluate, reference_run, teacher_forced
 from tinygen.eval.sinks import SinkWindowCache, sink_window_kept
 from tinygen.errors import TinygenError
+from tinygen.generate import decode_step
 
 
 class FakeTok:
@@ -36,6 +38,13 @@ class Spy:
         assert start_pos == len(self.fed), "positions must follow the tokens fed"
         self.fed += tokens.tolist()
         return self.model(tokens, caches, start_pos, last_only, on_layer)
+
+    def decode_step(self, model, token, caches, pos):  # stands in for generate.decode_step (the batch's step)
+        if model is not self:
+            return decode_step(model, token, caches, pos)
+        assert pos == len(self.fed), "positions must follow the tokens fed"
+        self.fed += token.tolist()
+        return decode_step(self.model, token, caches, pos)
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +90,12 @@ def test_first_departure_and_summary():
     assert s["ll_drop"]["mean"] == pytest.approx(0.5)
 
 
-def test_teacher_forcing_feeds_exactly_the_reference(tiny):
+def test_teacher_forcing_feeds_exactly_the_reference(tiny, monkeypatch):
     prompt = [1, 5, 9, 3, 14, 22, 3, 7, 8, 40, 41, 42]
     ref = reference_run(tiny, prompt, 10, frozenset())
     assert len(ref.targets) == 10 and ref.logprobs.shape == (10, 97)
     spy, fed_kinds = Spy(tiny), []
+    monkeypatch.setattr(runner, "decode_step", spy.decode_step)
     method = Method("local+frequent", local_ratio=0.2, frequent_ratio=0.2)
     from tinygen.eval.methods import build_caches
 

@@ -8,8 +8,10 @@ import torch
 from conftest import assert_one_line_error, save_tiny_chat_model
 from test_eval import run_eval
 
+import tinygen.eval.turns as turns
 from tinygen.conversation import Conversation
 from tinygen.errors import TinygenError
+from tinygen.generate import decode_step
 from tinygen.eval.methods import Method, build_caches
 from tinygen.eval.runner import reference_run
 from tinygen.eval.turns import evaluate_turns, forced_turns, load_conversations, reference_conversation
@@ -54,6 +56,12 @@ class Spy:
         self.calls.append((start_pos, tokens.tolist()))
         return self.model(tokens, caches, start_pos, last_only, **kw)
 
+    def decode_step(self, model, token, caches, pos):  # stands in for generate.decode_step (the batch's step)
+        if model is not self:
+            return decode_step(model, token, caches, pos)
+        self.calls.append((pos, token.tolist()))
+        return decode_step(self.model, token, caches, pos)
+
 
 def stop_at_third_token(model, tok):
     """A tokenizer whose stop token is the third token of the first answer (one that is not among the first two)."""
@@ -90,10 +98,11 @@ def test_second_turn_equals_a_from_scratch_run_on_the_whole_conversation(chat, s
 
 
 @pytest.mark.parametrize("stop", ["length", "eos"])
-def test_teacher_forcing_walks_the_conversation_with_one_chunk_per_turn(chat, stop):
+def test_teacher_forcing_walks_the_conversation_with_one_chunk_per_turn(chat, stop, monkeypatch):
     model, tok, ref = two_turns(chat, stop)
     t1, t2 = ref.turns
     spy, kinds_fed = Spy(model), []
+    monkeypatch.setattr(turns, "decode_step", spy.decode_step)
     caches, _ = build_caches(model, tok, Method("full"), len(ref.ids))
     out = forced_turns(spy, ref, caches, kinds_fed.extend)
     # Turn 1's prompt, its answer token by token, then one chunk: the answer token a length stop never fed back
@@ -137,11 +146,12 @@ def test_a_compressed_cache_is_scored_per_turn(chat):
     assert t1["first_departure"] == next((i for i, a in enumerate(t1["per_step"]["agree"]) if not a), None)
 
 
-def test_fresh_starts_each_turn_from_an_empty_cache(chat):
+def test_fresh_starts_each_turn_from_an_empty_cache(chat, monkeypatch):
     model, tok = chat
     ref = reference_conversation(model, tok, QUESTIONS, 6)
     t1, t2 = ref.turns
     spy = Spy(model)
+    monkeypatch.setattr(turns, "decode_step", spy.decode_step)
     full = evaluate_turns(model, tok, ref, Method("full"), fresh=True)
     assert full["method"] == {"policy": "full", "label": "full, fresh each turn", "fresh": True}
     for t in full["turns"]:

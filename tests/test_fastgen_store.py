@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tinygen.fastgen.cache as fg_cache
-from conftest import DEVICES
+from conftest import DEVICES, decode_one
 from tinygen.attention import dense_attention
 from tinygen.cache import FullRows
 from tinygen.fastgen.cache import FastGenCache
@@ -153,7 +153,7 @@ def feed(cache: FastGenCache, ref: Reference, tk: TokenKinds, g, dev, mask: torc
     before = torch.zeros(N_KV, L, dtype=torch.bool)
     before[:, : L - T] = mask
     before[:, L - T :] = True  # every new token is attended (causally) and then competes for its head's budget
-    out = cache.attend(q, k, v)
+    out = decode_one(cache, ids[0], q, k, v) if T == 1 else cache.attend(q, k, v)
     assert cache.length == L
     ref.K[:, L - T : L], ref.V[:, L - T : L] = k, v
     causal = torch.ones(T, T, dtype=torch.bool).tril()
@@ -324,13 +324,15 @@ def test_full_policy_equals_full_cache(device):
     torch.testing.assert_close(fg.attend(q, k, v), want, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(full.attend(q, k, v), want, atol=1e-6, rtol=1e-6)
     for step in range(steps):
-        tk.append([int(torch.randint(0, len(VOCAB), (1,)))])
+        token = int(torch.randint(0, len(VOCAB), (1,)))
+        tk.append([token])
         q = torch.randn(N_HEADS, 1, HD, device=device) * 2
         k, v = torch.randn(N_KV, 1, HD, device=device), torch.randn(N_KV, 1, HD, device=device)
         K, V = torch.cat([K, k], 1), torch.cat([V, v], 1)
         want, _ = dense_attention(q, K, V)
         for c in (fg, full):
-            torch.testing.assert_close(c.attend(q, k, v), want, atol=1e-6, rtol=1e-6, msg=lambda m: f"step {step}: {m}")
+            torch.testing.assert_close(decode_one(c, token, q, k, v), want, atol=1e-6, rtol=1e-6,
+                                       msg=lambda m: f"step {step}: {m}")
     for c in (fg, full):
         assert c.length == max_len and c.kept_tokens() == N_KV * max_len
         assert c.nbytes() == N_KV * -(-max_len // 16) * c.pool.block_bytes()  # the last step's slot: its own block

@@ -11,7 +11,7 @@ from torch.overrides import TorchFunctionMode
 from tinygen.batch import BatchRunner
 from tinygen.fastgen.cache import fastgen_caches
 from tinygen.fastgen.kinds import TokenKinds
-from tinygen.fastgen.policy import FastGenConfig
+from tinygen.fastgen.policy import PUNCT, SPECIAL, FastGenConfig
 from tinygen.generate import decode_step, full_caches, prefill
 from tinygen.loader import load_model
 from tinygen.sampling import SamplingParams
@@ -20,8 +20,9 @@ from tinygen.tokenizer import Tokenizer
 READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"}
 POLICIES = [FastGenConfig("full"), FastGenConfig(kv_budget=0.5, observation=8),
             FastGenConfig(profile="paper", threshold=0.9), FastGenConfig("local+frequent", local_ratio=0.2,
-                                                                         frequent_ratio=0.2)]
-IDS = ["full", "budget", "paper", "local+frequent"]
+                                                                         frequent_ratio=0.2),
+            FastGenConfig("special+punct+local", local_ratio=0.3)]
+IDS = ["full", "budget", "paper", "local+frequent", "special+punct+local"]
 ON_GPU = torch.cuda.is_available()
 
 
@@ -44,7 +45,8 @@ def test_the_mode_catches_reads():
 def caches_for(model, cfg, ids, max_len):
     if cfg.policy == "full":
         return full_caches(model, max_len), None
-    kinds = TokenKinds([0] * model.cfg.vocab_size, max_len, model.embed.weight.device)
+    vocab = [SPECIAL if i < 3 else PUNCT if i % 7 == 0 else 0 for i in range(model.cfg.vocab_size)]  # protected
+    kinds = TokenKinds(vocab, max_len, model.embed.weight.device)  # kinds: the budgets' device prefix counts
     kinds.append(ids)
     return fastgen_caches(model, kinds, cfg, max_len), kinds
 

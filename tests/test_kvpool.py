@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, decode_one
 
 import tinygen.fastgen.cache as fg_cache
 from tinygen.attention import dense_attention
@@ -79,7 +79,7 @@ class Sequence:
 
 
 def pool_bytes(pool: KVPool) -> int:
-    return storage_bytes(pool.k, pool.v, pool.pos, pool.prot, pool.score, pool.tables, pool.bitmap, pool.freed)
+    return storage_bytes(pool.k, pool.v, pool.pos, pool.prot, pool.score, pool.tables, pool.bitmap, *pool.row_state())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,10 +134,11 @@ def run_scenario(device, scenario, monkeypatch, kernel: bool):
             if s.cfg is not None:
                 for c in (s.alone, s.pooled):
                     c.kinds.append([s.ids[i]])
-        out = paged.decode(0, q, k, v)  # (B, n_heads, 1, head_dim)
+        paged.begin_layers([s.ids[i] for s, i in zip(running, n)], n)
+        out = paged.attend_layer(0, q, k, v)  # (B, n_heads, 1, head_dim)
         for b, (s, i, before) in enumerate(zip(running, n, masks)):
             assert torch.equal(before, s.resident_alone()), (scenario, step, b)
-            want = s.alone.attend(q[b], k[b], v[b])
+            want = decode_one(s.alone, s.ids[i], q[b], k[b], v[b])
             torch.testing.assert_close(out[b], want, atol=1e-5, rtol=1e-5)
             visible = torch.cat([before, torch.ones(N_KV, 1, dtype=torch.bool, device=device)], dim=1)
             dense, _ = dense_attention(q[b], s.K[:, : i + 1], s.V[:, : i + 1],

@@ -145,7 +145,15 @@ def run_prompts_file(a, model, tok, fastgen, sampling, show_progress: bool) -> i
         progress(stats, running, waiting)
         check_interrupted()  # between batch steps
 
-    runner = BatchRunner(model, tok, fastgen, sampling, a.max_new_tokens, a.batch, cap, a.ignore_eos, on_step)
+    step_fn = None
+    if a.compile:
+        from .compiled import compiled_step
+
+        step_fn = compiled_step(model, tok, fastgen)[0]
+    from .graphs import graphs_wanted
+
+    runner = BatchRunner(model, tok, fastgen, sampling, a.max_new_tokens, a.batch, cap, a.ignore_eos, on_step,
+                         step_fn=step_fn, cuda_graphs=step_fn is None and graphs_wanted(a, model))
     try:
         stats = runner.run(prompts, done)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: every finished answer is already on the disk

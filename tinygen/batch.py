@@ -119,7 +119,12 @@ class BatchRunner:
 
     def __init__(self, model, tok, cfg: FastGenConfig, sampling: SamplingParams, max_new_tokens: int, batch: int,
                  kv_cap_bytes: int | None = None, ignore_eos: bool = False, on_progress=None, pool: bool = True,
-                 block_size: int = BLOCK_SIZE):
+                 block_size: int = BLOCK_SIZE, step_fn=None, cuda_graphs: bool = False):
+        """step_fn: the decode step function (step.decode by default; compiled.compiled_step's); cuda_graphs: replay
+        the step as CUDA graphs (graphs.py; the batch gets a spare slot to pad a bucket with)."""
+        from .graphs import GraphStep
+
+        self.step_fn = GraphStep(model, spare=batch) if cuda_graphs else step_fn
         self.model, self.tok, self.cfg, self.sampling = model, tok, cfg, sampling
         self.max_new_tokens, self.batch, self.cap, self.ignore_eos = max_new_tokens, batch, kv_cap_bytes, ignore_eos
         self.on_progress, self.together = on_progress, pool
@@ -131,7 +136,8 @@ class BatchRunner:
         # the pool, allocated once: the cap's worth of blocks, or `batch` full caches of the model's context
         n_blocks = (kv_cap_bytes // per_block if kv_cap_bytes is not None else
                     batch * rows_per_seq * math.ceil((c.max_seq_len + 1) / block_size))
-        self.pool = KVPool(max(1, n_blocks), block_size, c.head_dim, batch * rows_per_seq, c.max_seq_len, self.device,
+        slots = batch + (1 if cuda_graphs else 0)  # the spare slot pads a graph's bucket: rows without blocks
+        self.pool = KVPool(max(1, n_blocks), block_size, c.head_dim, slots * rows_per_seq, c.max_seq_len, self.device,
                            model.embed.weight.dtype)
         self.paged = PagedBatch(self.pool, c.n_layers, c.n_heads, c.n_kv_heads)
         self.pools = [self.pool]  # what holds the rows (a server's metrics sum their nbytes())
@@ -244,8 +250,7 @@ class BatchRunner:
             if seq.on_tokens:
                 seq.on_tokens([token])
         self.paged.set_batch([(s.slot, s.caches) for s in seqs])
-        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=self.device)  # (B, 1)
-        return self.model(ids, self.paged.layers(), [s.pos for s in seqs])[:, 0]  # (B, vocab)
+        return self.paged.step(self.model, tokens, [s.pos for s in seqs], self.step_fn)  # (B, vocab)
 
     def _step(self, running: list[Sequence]) -> list[int]:
         """One decode step for every running sequence: (B, 1) tokens in one forward, every row sampled at once

@@ -39,18 +39,6 @@ class KVCache(Protocol):
         """Tokens held, summed over the layer's KV heads (length x n_kv_heads for a full cache)."""
 
 
-class BatchKVCache(Protocol):
-    """One layer's rows of a batch of sequences that attend as one (the paged decode step, tinygen/paged.py).
-    The model takes one per layer in place of a list of per-sequence caches."""
-
-    def __len__(self) -> int:
-        """Sequences in the batch."""
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """KVCache.attend with the batch as the leading dimension: q (B, n_heads, T, head_dim), k, v
-        (B, n_kv_heads, T, head_dim) -> (B, n_heads, T, head_dim)."""
-
-
 def storage_bytes(*tensors: torch.Tensor) -> int:
     """Bytes of the distinct storages behind the given tensors."""
     seen, total = set(), 0
@@ -95,6 +83,7 @@ class FullRows(PagedCache):
     def __init__(self, paged, slot: int, layer: int, n_kv_heads: int):
         super().__init__(paged, slot, layer, n_kv_heads)
         self.kv_heads, self.stores, self.kept = list(range(n_kv_heads)), [self], 0
+        self.pool.set_rows(self.rows(), 0, False, FULL, (0.0, 0.0))
         self.prefill_path = attention_paths(self.pool.k.device)[0]
 
     def _budget(self, length: int) -> int:
@@ -128,6 +117,7 @@ class FullRows(PagedCache):
         self.pool.write(idx, pos, k, v, pos, torch.zeros(H, T, dtype=torch.bool, device=k.device))
         self.pool.mark(idx, pos)
         self.length = self.kept = start + T
+        self.pool.set_rows(rows, self.kept)
 
 
 def kept_fraction(caches: list[KVCache]) -> float:

@@ -23,7 +23,7 @@ from .cliutil import check_interrupted, exit_code, handled, write_json_atomic
 from .conversation import Conversation
 from .errors import TinygenError
 from .fastgen.cache import make_caches, policy_map
-from .generate import GenerationStats, generate
+from .generate import GenerationStats, decode_step, generate
 from .tokenizer import StreamDecoder
 
 COMMANDS = {"/reset": "start a new conversation", "/stats": "tokens, kept fraction, KV bytes and the policy map",
@@ -34,7 +34,9 @@ class ChatSession:
     """One conversation: its token ids and the per-layer caches that hold it."""
 
     def __init__(self, model, tok, fastgen, sampling, max_new_tokens: int, system: str | None = None,
-                 progress=None, ignore_eos: bool = False):
+                 progress=None, ignore_eos: bool = False, decode=None):
+        """decode: generate's step function (compiled.CompiledStep.decoder with --compile)."""
+        self.decode = decode or decode_step
         self.model, self.tok, self.fastgen, self.sampling = model, tok, fastgen, sampling
         self.max_new_tokens, self.system, self.progress, self.ignore_eos = max_new_tokens, system, progress, ignore_eos
         self.reset()
@@ -64,7 +66,8 @@ class ChatSession:
         on_layer = self.progress.callback(len(new)) if self.progress else None
         answer, stream = [], StreamDecoder(self.tok)
         tokens = generate(self.model, new, self.caches, self.max_new_tokens, self.sampling, self.tok.eos_ids,
-                          self.ignore_eos, stats, on_tokens=self.on_tokens, start_pos=self.seen, on_layer=on_layer)
+                          self.ignore_eos, stats, on_tokens=self.on_tokens, start_pos=self.seen, on_layer=on_layer,
+                          decode=self.decode)
         for token_id in tokens:
             answer.append(token_id)
             write(stream.push(token_id))

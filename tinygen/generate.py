@@ -10,7 +10,7 @@ import torch
 from .cache import FullRows, KVCache
 from .errors import TinygenError
 from .model import Llama
-from .paged import lone_batch
+from .paged import PagedCache, lone_batch
 from .sampling import SamplingParams, sample
 
 
@@ -53,8 +53,14 @@ def prefill(model: Llama, prompt_ids: list[int], caches: list[KVCache], start_po
 
 
 @torch.inference_mode()
-def decode_step(model: Llama, token: torch.Tensor, caches: list[KVCache], pos: int) -> torch.Tensor:
-    """One token (a (1,) tensor) at position `pos` -> logits (vocab,) for the next one."""
+def decode_step(model: Llama, token: torch.Tensor, caches: list[KVCache], pos: int, fn=None) -> torch.Tensor:
+    """One token (a (1,) tensor) at position `pos` -> logits (vocab,) for the next one: the paged
+    batch's step (step.py) for a sequence in the pool (fn: that step compiled), the model's forward for other
+    caches (the eval's baselines)."""
+    if isinstance(caches[0], PagedCache):
+        paged = caches[0].paged
+        paged.reserve(caches)  # its rows' blocks for the new token
+        return paged.step(model, token.view(1), [pos], fn)[0]
     return model(token, caches, start_pos=pos)[0]
 
 

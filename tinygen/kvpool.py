@@ -3,7 +3,8 @@
 A row is one (sequence, layer, KV head). Its tokens live in slots: logical slot r of a row is slot r % block_size of
 block tables[row, r // block_size]. Per slot the pool holds K and V (head_dim each), the token's position (int32),
 its protected flag and its float32 cumulative attention score (FastGen's heavy-hitter ranking); per row a bitmap of
-the positions it holds (one bit per position) and the logical slot its last eviction freed.
+the positions it holds (one bit per position), and what a decode step decides from (tinygen/step.py): its policy and
+ratios, its kept count, whether its last eviction left a freed slot (`hole`) and which (`freed`).
 
 Storage (tensors, allocated once) is apart from bookkeeping (plain Python: the free list and each row's block list),
 as in nano-vllm's block manager. Block 0 is never handed out: it is the "null block" that unused table entries point
@@ -53,7 +54,13 @@ class KVPool:
         max_blocks = -(-(max_len + 1) // block_size)  # a row never holds more than max_len tokens plus the new one
         self.tables = torch.zeros(n_rows, max_blocks, dtype=torch.int32, device=device)  # (n_rows, max_blocks)
         self.bitmap = torch.zeros(n_rows, (max_len + 7) // 8, dtype=torch.uint8, device=device)
-        self.freed = torch.zeros(n_rows, dtype=torch.long, device=device)  # each row's slot its last eviction freed
+        # each row's step state (step.py): its policy bits and (local, frequent) ratios, set when its group is made;
+        # its kept count, whether its last eviction left a freed slot and which, moved on by every step on the device
+        self.policy = torch.zeros(n_rows, dtype=torch.int32, device=device)
+        self.ratio = torch.zeros(n_rows, 2, dtype=torch.float64, device=device)
+        self.kept = torch.zeros(n_rows, dtype=torch.long, device=device)
+        self.hole = torch.zeros(n_rows, dtype=torch.bool, device=device)
+        self.freed = torch.zeros(n_rows, dtype=torch.long, device=device)
         self.free: list[int] = list(range(n_blocks, 0, -1))  # host: free block ids, the next one last
         self.blocks: list[list[int]] = [[] for _ in range(n_rows)]  # host: each row's blocks, in table order
         self.high = 0  # host: the most blocks ever in use at once (prefill transients included)
@@ -67,9 +74,24 @@ class KVPool:
         return sum(t[0].nbytes for t in (self.k, self.v, self.pos, self.prot, self.score))
 
     def nbytes(self) -> int:
-        """Everything the pool allocated: blocks (the null block too), tables, bitmaps, freed slots."""
+        """Everything the pool allocated: blocks (the null block too), tables, bitmaps, the rows' step state."""
         return sum(t.nbytes for t in (self.k, self.v, self.pos, self.prot, self.score, self.tables, self.bitmap,
-                                      self.freed))
+                                      *self.row_state()))
+
+    def row_state(self) -> tuple[torch.Tensor, ...]:
+        """The per-row tensors a decode step reads and moves on: policy, ratio, kept, hole, freed."""
+        return self.policy, self.ratio, self.kept, self.hole, self.freed
+
+    def set_rows(self, rows: list[int], kept: int, hole: bool = False, policy: int | None = None,
+                 ratios: tuple[float, float] | None = None) -> None:
+        """A row group's state from the host, off the decode step (a prefill, a chunk, a compaction): its kept count
+        and hole, and, when it is made, its policy and (local, frequent) ratios. Scalar fills: no host sync."""
+        idx = torch.tensor(rows, device=self.kept.device)
+        self.kept.index_fill_(0, idx, kept)
+        self.hole.index_fill_(0, idx, hole)
+        if policy is not None:
+            self.policy.index_fill_(0, idx, policy)
+            self.ratio[idx] = torch.tensor(ratios, dtype=torch.float64, device=idx.device)
 
     def used_blocks(self) -> int:
         return self.n_blocks - len(self.free)
@@ -79,8 +101,9 @@ class KVPool:
         old = self.k.shape[0]
         for name in ("k", "v", "pos", "prot", "score"):
             t = getattr(self, name)
-            new = t.new_empty((2 * old - 1,) + tuple(t.shape[1:]))
-            new[:old] = t
+            with torch.inference_mode(False):  # a normal tensor, as the pool was made, even when a step grows it
+                new = t.new_empty((2 * old - 1,) + tuple(t.shape[1:]))  # (compiled.py: one graph for both)
+                new[:old] = t
             setattr(self, name, new)
         self.free[:0] = range(2 * old - 2, old - 1, -1)  # handed out after the blocks already free
 
@@ -115,7 +138,8 @@ class KVPool:
             idx = torch.tensor(rows, device=self.tables.device)
             self.tables[idx] = 0
             self.bitmap[idx] = 0
-            self.freed[idx] = 0
+            for t in self.row_state():
+                t[idx] = 0
 
     def shrink(self, rows: list[int], slots: int) -> None:
         """Rows that now keep `slots` slots give back the blocks past them (a chunk or a prefill compressed)."""

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .cache import BatchKVCache, KVCache
+from .cache import KVCache
 from .config import ModelConfig
 from .rope import apply_rope, rope_tables
 
@@ -47,16 +47,13 @@ class Attention(nn.Module):
         B, _, T, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim))
 
-    def forward(self, x, cos, sin, caches: list[KVCache] | BatchKVCache):
-        """x: (B*T, dim) rows of B sequences with T tokens each; caches: this layer's cache of each sequence, or one
-        object that attends for the whole batch."""
+    def forward(self, x, cos, sin, caches: list[KVCache]):
+        """x: (B*T, dim) rows of B sequences with T tokens each; caches: this layer's cache of each sequence, each
+        attending over what it keeps (its length, its policies)."""
         B = len(caches)
         q, k, v = self.project(x, cos, sin, B)
-        if isinstance(caches, list):  # each sequence's cache attends over what it keeps (its length, its policies)
-            outs = [cache.attend(q[b], k[b], v[b]) for b, cache in enumerate(caches)]  # each (n_heads, T, head_dim)
-            out = outs[0][None] if B == 1 else torch.stack(outs)  # (B, n_heads, T, head_dim)
-        else:  # one object for the batch (the paged decode step, tinygen/paged.py)
-            out = caches.attend(q, k, v)  # (B, n_heads, T, head_dim)
+        outs = [cache.attend(q[b], k[b], v[b]) for b, cache in enumerate(caches)]  # each (n_heads, T, head_dim)
+        out = outs[0][None] if B == 1 else torch.stack(outs)  # (B, n_heads, T, head_dim)
         return self.output(out)
 
 
@@ -107,17 +104,15 @@ class Llama(nn.Module):
     def forward(self, tokens: torch.Tensor, caches: list, start_pos, last_only: bool = False, on_layer=None):
         """One sequence: tokens (T,) at positions start_pos..start_pos+T-1, caches one per layer
         -> logits (T, vocab) float32 ((1, vocab) if last_only).
-        A batch: tokens (B, T), caches[b] sequence b's per-layer list (or caches[i] one BatchKVCache per layer),
-        start_pos[b] its first position (sequences at different positions) -> logits (B, T, vocab) ((B, 1, vocab)
-        if last_only).
+        A batch: tokens (B, T), caches[b] sequence b's per-layer list, start_pos[b] its first position (sequences at
+        different positions) -> logits (B, T, vocab) ((B, 1, vocab) if last_only). Decode steps of caches in the
+        paged pool go through the batch's step instead (tinygen/step.py).
         on_layer(i), if given, is called after layer i (progress of a long prefill)."""
         batched = tokens.dim() == 2
         if not batched:  # one sequence is a batch of one
             tokens, caches, start_pos = tokens[None], [caches], [start_pos]
         B, T = tokens.shape
-        per_layer = not isinstance(caches[0], list)  # one BatchKVCache per layer
-        assert len(caches) == self.cfg.n_layers if per_layer else (
-            len(caches) == B and all(len(c) == self.cfg.n_layers for c in caches)), "one cache per layer"
+        assert len(caches) == B and all(len(c) == self.cfg.n_layers for c in caches), "one cache per layer"
         assert max(start_pos) + T <= self.cfg.max_seq_len, f"position {max(start_pos) + T} beyond context {self.cfg.max_seq_len}"
         if B == 1:  # a view of the tables: no copy on the batch-1 decode step
             cos, sin = self.rope_cos[start_pos[0] : start_pos[0] + T], self.rope_sin[start_pos[0] : start_pos[0] + T]
@@ -126,7 +121,7 @@ class Llama(nn.Module):
             sin = torch.cat([self.rope_sin[s : s + T] for s in start_pos])
         x = self.embed(tokens.flatten())  # (B*T, dim): the linear layers see every sequence's rows at once
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, caches[i] if per_layer else [c[i] for c in caches])
+            x = layer(x, cos, sin, [c[i] for c in caches])
             if on_layer is not None:
                 on_layer(i)
         x = x.view(B, T, -1)

@@ -10,7 +10,8 @@ import sys
 
 from .cache import cache_figures
 from .cliutil import check_interrupted, exit_code, held, read_text, write_json_atomic
-from .compiled import CompiledDecoder
+from .compiled import compiled_step
+from .graphs import GraphStep, graphs_wanted
 from .errors import TinygenError
 from .fastgen.cache import make_caches, policy_map
 from .generate import GenerationStats, decode_step, generate
@@ -28,12 +29,12 @@ def run_one_shot(a, model, tok, fastgen, sampling, progress, device: str, calibr
         raise TinygenError(f"the prompt has {len(ids)} tokens; the model's context is {cfg.max_seq_len}")
     max_len = min(cfg.max_seq_len, len(ids) + a.max_new_tokens)
     caches, on_tokens = make_caches(model, tok, fastgen, max_len)
-    decode, compile_seconds = decode_step, 0.0
+    decode, compile_seconds, compiled = decode_step, 0.0, None
     if a.compile:
-        decode = CompiledDecoder(model)
-        compile_seconds = decode.warm_up()
-        if decode.compiled:
-            print(f"[decode step compiled in {compile_seconds:.1f} s]", file=sys.stderr)
+        compiled, compile_seconds = compiled_step(model, tok, fastgen)
+        decode = compiled.decoder
+    elif graphs_wanted(a, model):
+        decode = GraphStep(model).decoder
     stats = GenerationStats()
     stream = StreamDecoder(tok)
     code = 0
@@ -64,7 +65,7 @@ def run_one_shot(a, model, tok, fastgen, sampling, progress, device: str, calibr
             "device": device,
             "dtype": a.dtype,
             "quantize": a.quantize,
-            "compiled": a.compile and decode.compiled,  # False where --compile fell back to the eager step
+            "compiled": compiled is not None and compiled.compiled,  # False where --compile fell back to the eager step
             "compile_seconds": round(compile_seconds, 3),
         }
         line = (f"[prompt {stats.prompt_tokens} tok | generated {stats.generated_tokens} tok | prefill "

@@ -1,28 +1,23 @@
-"""Sequences' caches in the paged KV pool (tinygen/kvpool.py), and the decode step that attends every row of every
-running sequence, full and FastGen alike, in one attention call per layer. A sequence on its own (a prompt, a chat)
-is a batch of one (`lone_batch`): the same rows, the same step.
+"""Sequences' caches in the paged KV pool (tinygen/kvpool.py), and the batch that decodes them as one: every row of
+every running sequence, full and FastGen alike, in one step function (tinygen/step.py). A sequence on its own (a
+prompt, a chat) is a batch of one (`lone_batch`): the same rows, the same step.
 
 A sequence's cache of one layer is a `PagedCache`: the KVCache interface (cache.py) over its rows, one per KV head.
 Its rows form groups (`stores`): the KV heads that keep the same number of tokens at every step (budgets depend only
 on the length and the token kinds). The full cache (`FullRows`, cache.py) is one group that never evicts; FastGen's
-(`FastGenCache`, fastgen/cache.py) has a `PolicyStore` per policy. A group's state on the host is its policy, kept
-count and whether its last eviction left a freed slot (`hole`); everything per token lives in the pool.
-A step's decisions (how many slots each row attends over, whether it evicts, its local window) are host arithmetic
-on that state, sent to the device in one small table, so the step needs no host sync.
+(`FastGenCache`, fastgen/cache.py) has a `PolicyStore` per policy. A prompt and a later chunk (a chat's next turn)
+go through the cache's `attend`; a decode step through the batch's `step`, for every sequence at once.
 
-A step, for one layer (`PagedBatch.decode`):
-1. write each row's new token into its slot `kept`, or the slot its last eviction freed;
-2. attend: gather each row's slots [0, kept + 1) through its block table, padded to the longest row (compute is
-   padded, memory is not), one masked matmul-softmax-matmul for the batch, and add the attention to the scores;
-3. keep the new token (its bit) or evict one token per row: the unprotected token outside the local window with the
-   lowest mean attention since it arrived (or, without `frequent`, the oldest). The next token reuses its slot.
+A step's decisions (where each row's new token goes, whether it evicts, its budget) are made on the device by the
+step itself, from each row's state in the pool. The host keeps a mirror of each group's kept count and hole
+(arithmetic on the lengths and token kinds it knows, no device read): it reserves each row's blocks before the step
+and bounds how many blocks the step reads.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import attention_paths, compute_dtype
-from .fastgen.policy import FREQUENT, LOCAL, window
+from . import step as steps
 from .kvpool import BLOCK_SIZE, KVPool, host_to_device
 
 
@@ -36,20 +31,9 @@ def write_rows(pool: KVPool, rows: list[int], k, v, pos, prot, score) -> None:
     pool.mark(idx, pos, replace=True)
 
 
-def keep_rank(pos, prot, score, win_start, length, frequent) -> torch.Tensor:
-    """How much each slot deserves to stay: +inf for protected tokens and the local window (pos >= win_start), else
-    the mean attention since arrival (cumulative score / the length - pos queries that saw it), or, without
-    `frequent`, the position (newer stays). The decode step evicts its argmin; a chunk keeps its top (store.py).
-    Ranking by the raw cumulative score (notes decision 6) would evict nearly every new token at once, since it
-    competes with prompt tokens that summed a whole prompt's attention: see docs/fastgen.md. pos, prot, score
-    (P, R); win_start, length, frequent: per row (P, 1) tensors, or numbers."""
-    key = torch.where(torch.as_tensor(frequent, device=pos.device), score / (length - pos), pos.float())
-    return key.masked_fill(prot | (pos >= win_start), float("inf"))
-
-
 class PagedCache:
-    """One layer of one sequence in the pool (KVCache). `attend` takes the prompt (`prefill`), a later chunk of
-    several tokens (`extend`: a chat's next turn), or one decode step, which goes through the sequence's batch."""
+    """One layer of one sequence in the pool (KVCache). `attend` takes the prompt (`prefill`) or tokens after it
+    (`extend`: a chat's next turn, or a token fed through the model's forward); decode steps are the batch's."""
 
     def __init__(self, paged: "PagedBatch", slot: int, layer: int, n_kv_heads: int):
         self.paged, self.pool, self.slot, self.layer = paged, paged.pool, slot, layer
@@ -67,10 +51,7 @@ class PagedCache:
         assert self.length + T <= self.pool.max_len, f"cache full: {self.length} + {T} > {self.pool.max_len}"
         if self.length == 0:
             return self.prefill(q, k, v)
-        if T > 1:
-            return self.extend(q, k, v)
-        self.paged.reserve_layer(self)  # a sequence on its own: a batch of one
-        return self.paged.decode(self.layer, q[None], k[None], v[None])[0]
+        return self.extend(q, k, v)
 
     def kept_tokens(self) -> int:
         return sum(s.kept * len(s.kv_heads) for s in self.stores)
@@ -96,18 +77,26 @@ def lone_batch(model, max_len: int, first_len: int | None = None, cfg=None) -> "
 
 
 class PagedBatch:
-    """The running sequences' rows in the pool, attending as one. `set_batch(members)` names them for the next step:
-    (batch slot, per-layer caches) each, caches being PagedCaches; `layers()` are the per-layer objects the model
-    takes in place of a list of caches (BatchKVCache). A batch slot's rows are fixed: (slot, layer, KV head)."""
+    """The running sequences' rows in the pool, decoding as one. `set_batch(members)` names them for the next step:
+    (batch slot, per-layer caches) each, caches being PagedCaches. A batch slot's rows are fixed: (slot, layer, KV
+    head); so are its token kinds' device rows (FastGen's: `bind`)."""
 
     def __init__(self, pool: KVPool, n_layers: int, n_heads: int, n_kv_heads: int, kernel: bool | None = None):
         """kernel: attend through the Triton paged kernel (default: where attention_paths says so, on CUDA)."""
+        from .attention import attention_paths
+
         self.pool, self.n_layers, self.n_heads, self.n_kv_heads = pool, n_layers, n_heads, n_kv_heads
         if kernel is None:
             kernel = attention_paths(pool.k.device)[1] == "triton"
         self.kernel = kernel
+        dev, n_slots = pool.k.device, pool.tables.shape[0] // (n_layers * n_kv_heads)
+        self.by_position = torch.zeros(n_slots, pool.max_len, dtype=torch.uint8, device=dev)  # token kinds
+        self.prefix = torch.zeros(n_slots, 4, pool.max_len + 1, dtype=torch.int32, device=dev)  # their counts
+        self.vocab: torch.Tensor | None = None  # (vocab,) uint8 kind bits, from the first FastGen sequence's kinds
+        self._no_kinds: torch.Tensor | None = None
         self.members: list = []
-        self.base = None  # (B * n_kv_heads,) row ids of layer 0, in (sequence, KV head) order
+        self.slots: torch.Tensor | None = None  # (B,) the members' batch slots
+        self.plan: steps.Plan | None = None  # the step begun (begin), for attend_layer
 
     def row(self, slot: int, layer: int, kv_head: int) -> int:
         return (slot * self.n_layers + layer) * self.n_kv_heads + kv_head
@@ -117,14 +106,18 @@ class PagedBatch:
         first = self.row(slot, 0, 0)
         return list(range(first, first + self.n_layers * self.n_kv_heads))
 
+    def bind(self, slot: int, kinds) -> None:
+        """A FastGen sequence's token kinds (fastgen/kinds.py) keep their device side in this slot's rows."""
+        if kinds.batch is not self:
+            n = min(kinds.by_position.shape[0], self.pool.max_len)
+            kinds.bind(self.by_position[slot, :n], self.prefix[slot, :, : n + 1])
+            kinds.batch = self
+        if self.vocab is None:
+            self.vocab = torch.tensor(kinds.vocab, dtype=torch.uint8, device=self.pool.k.device)
+
     def set_batch(self, members: list[tuple[int, list]]) -> None:
         self.members = members
-        H = self.n_kv_heads
-        base = [self.row(slot, 0, h) for slot, _ in members for h in range(H)]
-        self.base = host_to_device(torch.tensor(base), self.pool.k.device)
-
-    def layers(self) -> list["PagedLayer"]:
-        return [PagedLayer(self, i) for i in range(self.n_layers)]
+        self.slots = host_to_device(torch.tensor([slot for slot, _ in members]), self.pool.k.device)
 
     def reserve_layer(self, cache: PagedCache) -> None:
         """Blocks for the next step of one sequence's layer: each row group's kept + 1 slots (raises PoolFull)."""
@@ -141,107 +134,70 @@ class PagedBatch:
     def held_blocks(self, slot: int) -> int:
         return self.pool.held_blocks(self.slot_rows(slot))
 
-    def _table(self, layer: int) -> tuple[torch.Tensor, int, bool]:
-        """Host decisions of this step for each row of `layer`, in (sequence, KV head) order, and each group's host
-        state moved on: (P, 9) table, the most rows any row attends over, whether any row evicts, whether any row
-        ranks by score."""
-        H = self.n_kv_heads
-        table = [None] * (len(self.members) * H)
+    def _advance(self) -> tuple[int, bool, bool]:
+        """The host's mirror of the step: each group's kept count and hole moved on as the device moves them
+        (step.plan), each cache's length. Returns the most slots any row attends over, and whether any row may
+        evict (a policy other than full) and whether any ranks by attention (`frequent`): what the step computes."""
+        from .fastgen.policy import FREQUENT, FULL, LOCAL
+
         most, evicting, scored = 0, False, False
-        for b, (_, caches) in enumerate(self.members):
-            c = caches[layer]
-            c.length += 1
-            n = c.length
-            for s in c.stores:
-                rows = s.kept + 1  # the new token's slot included
-                target = min(rows, s._budget(n))
-                evict = rows - target
-                assert evict in (0, 1), f"policy {s.policy}: {evict} evictions in one step"
-                # special/punct-only groups that do not keep the new token leave its slot to the next one
-                keep = target == rows or bool(s.policy & (FREQUENT | LOCAL))
-                protected = bool(s.kinds.kinds[n - 1] & s.protect) if s.protect else False
-                entry = (rows, n - 1, protected, s.hole, keep, evict, n - window(s.policy, n, s.cfg), n,
-                         bool(s.policy & FREQUENT))
-                for h in s.kv_heads:
-                    table[b * H + h] = entry
-                most, evicting, scored = max(most, rows), evicting or bool(evict), scored or bool(s.policy & FREQUENT)
-                s.kept = target
-                if keep:
-                    s.hole = bool(evict)
-        return host_to_device(torch.tensor(table, dtype=torch.long), self.pool.k.device), most, evicting, scored
+        for _, caches in self.members:
+            for c in caches:
+                c.length += 1
+                n = c.length
+                for s in c.stores:
+                    rows = s.kept + 1  # the new token's slot included
+                    target = min(rows, s._budget(n))
+                    assert rows - target in (0, 1), f"policy {s.policy}: {rows - target} evictions in one step"
+                    if target == rows or s.policy & (FREQUENT | LOCAL):
+                        s.hole = target < rows
+                    s.kept = target
+                    most = max(most, rows)
+                    evicting, scored = evicting or s.policy != FULL, scored or bool(s.policy & FREQUENT)
+        return most, evicting, scored
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One decode step of layer `layer` for every member: q (B, n_heads, 1, head_dim), k/v (B, n_kv_heads, 1,
+    def begin(self, tokens, positions: list[int]) -> tuple[steps.StepInputs, bool, bool]:
+        """The host's half of a step: the mirror moved on, the step's inputs on the device (no device read)."""
+        most, evicting, scored = self._advance()
+        pool, dev = self.pool, self.pool.k.device
+        nb = min(pool.tables.shape[1], max(2, -(-most // pool.block_size)))  # 2 at least: a size of 1 specialises
+        if not isinstance(tokens, torch.Tensor):  # ids the host read (a batch's): (B,)
+            tokens = host_to_device(torch.tensor(tokens), dev)
+        x = steps.StepInputs(tokens, host_to_device(torch.tensor(positions), dev),
+                             self.slots, torch.arange(nb, device=dev))
+        return x, evicting, scored
+
+    def state(self, vocab_size: int) -> tuple[steps.PoolState, steps.KindState]:
+        """The tensors the step reads and moves on. Before any FastGen sequence binds its kinds, no id is of a
+        protected kind (vocab_size zeros)."""
+        p = self.pool
+        vocab = self.vocab
+        if vocab is None:
+            if self._no_kinds is None or self._no_kinds.shape[0] < vocab_size:
+                self._no_kinds = torch.zeros(vocab_size, dtype=torch.uint8, device=p.k.device)
+            vocab = self._no_kinds
+        return (steps.PoolState(p.k, p.v, p.pos, p.prot, p.score, p.tables, p.bitmap, *p.row_state()),
+                steps.KindState(vocab, self.by_position, self.prefix))
+
+    @torch.inference_mode()
+    def step(self, model, tokens, positions: list[int], fn=None) -> torch.Tensor:
+        """One decode step of every member (blocks reserved): tokens ((B,) on the device, or ids) at positions -> logits (B, vocab). fn: the
+        step function, step.decode or it compiled (compiled.py)."""
+        x, evicting, scored = self.begin(tokens, positions)
+        return (fn or steps.decode)(model, *self.state(model.cfg.vocab_size), x, evicting, scored, self.kernel)
+
+    def begin_layers(self, tokens: list[int], positions: list[int]) -> tuple[bool, bool]:
+        """A step driven layer by layer (`attend_layer`) with q, k and v from elsewhere (tests of the cache)."""
+        x, evicting, scored = self.begin(tokens, positions)
+        pool, kinds = self.state(1 + max(tokens))
+        self.plan = steps.plan(pool, kinds, x, self.n_layers, self.n_kv_heads)
+        self.flags = evicting, scored
+        return evicting, scored
+
+    def attend_layer(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """step.attend for one layer of the begun step: q (B, n_heads, 1, head_dim), k/v (B, n_kv_heads, 1,
         head_dim) -> (B, n_heads, 1, head_dim)."""
-        pool = self.pool
-        B, n_heads, T, head_dim = q.shape
-        assert T == 1 and B == len(self.members), "the paged batch takes one decode step of its members"
-        P, groups = B * self.n_kv_heads, n_heads // self.n_kv_heads
-        rows = self.base + layer * self.n_kv_heads  # (P,)
-        table, R, evicting, scored = self._table(layer)
-        n_rows, new_pos, protected, hole, keep, evicts, win_start, length, frequent = table.unbind(1)
-
-        # 1. The new token into each row's slot `kept`, or the slot its last eviction freed.
-        at = torch.where(hole.bool(), pool.freed[rows], n_rows - 1)  # (P,) logical slots
-        pool.write(rows, at[:, None], k.reshape(P, 1, head_dim), v.reshape(P, 1, head_dim), new_pos[:, None],
-                   protected.bool()[:, None])
-
-        # 2. Attention over each row's slots [0, kept + 1), the rest masked; the scores.
-        qs = q.reshape(P, groups, head_dim)
-        if self.kernel:  # CUDA: the Triton kernel reads the blocks in place (kernels/paged_attention.py)
-            out, slots = self._attend_kernel(rows, qs, n_rows, R, scored)
-        else:
-            out, slots = self._attend_torch(rows, qs, n_rows, R, scored)
-        beyond = torch.arange(slots.shape[1], device=q.device) >= n_rows[:, None]  # (P, R'): past each row
-
-        # 3. Keep the new token (its bit) or, where the budget says so, evict one token per row.
-        pool.bitmap[rows, new_pos // 8] |= ((1 << new_pos % 8) * keep).to(torch.uint8)
-        if evicting:
-            pos = pool.pos.view(-1)[slots]  # (P, R')
-            key = keep_rank(pos, pool.prot.view(-1)[slots], pool.score.view(-1)[slots], win_start[:, None],
-                            length[:, None], frequent.bool()[:, None])
-            victim = key.masked_fill(beyond, float("inf")).argmin(dim=1)  # (P,) logical slots
-            gone = pos.gather(1, victim[:, None])[:, 0].long().clamp(min=0)
-            evicts = evicts.bool()
-            pool.bitmap[rows, gone // 8] &= torch.where(evicts, ~(1 << gone % 8), -1).to(torch.uint8)
-            pool.freed[rows] = torch.where(evicts, victim, pool.freed[rows])
+        B, n_heads, _, head_dim = q.shape
+        out = steps.attend(self.state(1)[0], self.plan, layer, q.reshape(-1, n_heads // self.n_kv_heads, head_dim),
+                           k.reshape(-1, head_dim), v.reshape(-1, head_dim), *self.flags, self.kernel)
         return out.view(B, n_heads, 1, head_dim)
-
-    def _attend_torch(self, rows, q, n_rows, R: int, scored: bool):
-        """The reference: gather the rows' slots (a copy, padded to the longest row), one masked
-        matmul-softmax-matmul. q (P, groups, head_dim) -> out (P, groups, head_dim), slots (P, R')."""
-        keys, values, slots = self.pool.gather(rows, R)  # (P, R', head_dim) each, (P, R'): R rounded up to a block
-        dt = compute_dtype(keys)
-        beyond = torch.arange(slots.shape[1], device=q.device) >= n_rows[:, None]  # (P, R')
-        scores = (q.to(dt) * q.shape[-1] ** -0.5) @ keys.to(dt).transpose(1, 2)  # (P, groups, R')
-        scores.masked_fill_(beyond[:, None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1)
-        out = (probs.to(dt) @ values.to(dt)).to(q.dtype)  # (P, groups, head_dim)
-        if scored:  # padded slots get 0 (their probability): the null block's, or a row's own unused slots
-            self.pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
-        return out, slots
-
-    def _attend_kernel(self, rows, q, n_rows, R: int, scored: bool):
-        """The Triton paged decode kernel over the same slots, and its score update (exact probabilities again,
-        from the kernel's log-sum-exp)."""
-        from .kernels.paged_attention import paged_add_scores, paged_decode
-
-        pool = self.pool
-        tables, lengths = pool.tables[rows], n_rows.to(torch.int32)  # (P, max_blocks), (P,)
-        out, lse = paged_decode(q, pool.k, pool.v, tables, lengths, R)
-        if scored:
-            paged_add_scores(q, pool.k, tables, lengths, lse, pool.score, R)
-        return out, pool.slot_ids(rows, R)
-
-
-class PagedLayer:
-    """One layer of a PagedBatch: what Attention.forward calls `attend` on (BatchKVCache)."""
-
-    def __init__(self, batch: PagedBatch, layer: int):
-        self.batch, self.layer = batch, layer
-
-    def __len__(self) -> int:
-        return len(self.batch.members)
-
-    def attend(self, q, k, v):
-        return self.batch.decode(self.layer, q, k, v)

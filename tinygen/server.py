@@ -228,8 +228,10 @@ def serve(a, model, tok, fastgen, sampling) -> int:
     cap = None if a.kv_budget_mb is None else int(a.kv_budget_mb * 2**20)
     settings = ServerSettings(os.path.basename(os.path.normpath(a.model)), model.cfg.max_seq_len, a.max_new_tokens,
                               sampling, fastgen, calibration_path(a.model, a.calibration), model.cfg.n_layers)
+    from .graphs import graphs_wanted
+
     engine = Engine(lambda: BatchRunner(model, tok, fastgen, sampling, a.max_new_tokens, a.batch, cap,
-                                        a.ignore_eos), tok, a.max_waiting)
+                                        a.ignore_eos, cuda_graphs=graphs_wanted(a, model)), tok, a.max_waiting)
     app = build_app(engine, settings, tok)
 
     class Server(uvicorn.Server):

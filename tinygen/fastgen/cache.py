@@ -45,6 +45,7 @@ class FastGenCache(PagedCache):
         self.pending = False  # the prompt whole in the rows, awaiting the budget planner
         self.stores: list[PolicyStore] = []
         self.profile_seconds = 0.0
+        paged.bind(slot, kinds)  # the decode step reads and writes the kinds on the device
 
     def attend(self, q, k, v):
         if self.pending and self.length:  # some layer never reached the planner (e.g. a layer swapped for a full cache)
@@ -56,6 +57,7 @@ class FastGenCache(PagedCache):
         self.length += k.shape[1]
         assert self.length <= self.pool.max_len, f"cache full: {self.length} > {self.pool.max_len}"
         assert len(self.kinds) >= self.length, "feed new tokens to TokenKinds before the model sees them"
+        self.kinds.sync(self.length)
         out = torch.empty_like(q)
         for store in self.stores:
             out.index_copy_(0, store.q_index, store.extend(q, k, v, self.length))
@@ -66,6 +68,7 @@ class FastGenCache(PagedCache):
         holds them), and once each head has its policy the rows keep what it keeps (`_build`)."""
         H, L = k.shape[:2]
         assert len(self.kinds) >= L, "feed the prompt's tokens to TokenKinds before prefill"
+        self.kinds.sync(L)
         pos = torch.arange(L, device=k.device).expand(H, L)
         write_rows(self.pool, self.rows(), k, v, pos, torch.zeros(H, L, dtype=torch.bool, device=k.device), None)
         self.length = L
@@ -127,7 +130,7 @@ class FastGenCache(PagedCache):
             self.stores.append(store)
             kept = kept_count(policy, L, lambda n: self.kinds.protected_before(store.protect, n), cfg)
             if kept == L and not store.protect and not policy & FREQUENT:  # the rows hold it already
-                store.kept = L
+                store.set_kept(L)
                 continue
             keep = self._initial_residency(policy, cfg, heads, key, kinds)  # (len(heads), L) bool
             positions = keep.nonzero()[:, 1].view(len(heads), kept)  # ascending per head = the logical slots

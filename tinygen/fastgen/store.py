@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import causal_attention
-from ..paged import keep_rank, write_rows
+from ..paged import write_rows
+from ..step import keep_rank
 from .kinds import TokenKinds
 from .policy import FREQUENT, FastGenConfig, kept_count, protected_kinds, window
 
@@ -40,6 +41,12 @@ class PolicyStore:
         self.q_index = (self.kv_index[:, None] * groups + torch.arange(groups, device=device)).flatten()
         self.all_heads = self.kv_heads == list(range(cache.n_kv_heads))  # then no gather of q, k, v
         self.kept, self.hole = 0, False
+        self.pool.set_rows(self.rows, 0, False, policy, (cfg.local_ratio, cfg.frequent_ratio))
+
+    def set_kept(self, kept: int) -> None:
+        """Rows now holding exactly slots [0, kept) (no hole), on the host and the device (off the decode step)."""
+        self.kept, self.hole = kept, False
+        self.pool.set_rows(self.rows, kept)
 
     def _budget(self, length: int) -> int:
         """The most tokens each head keeps at `length` (kept_count with this sequence's token kinds)."""
@@ -66,7 +73,7 @@ class PolicyStore:
         write_rows(self.pool, self.rows, k, v, pos, old_prot if prot is None else prot,
                    old_score if score is None else score)
         self.pool.shrink(self.rows, n)
-        self.kept, self.hole = n, False
+        self.set_kept(n)
 
     def _close_hole(self):
         """Make slots [0, kept) exactly the resident ones: move slot `kept` into each row's freed slot."""
@@ -79,7 +86,7 @@ class PolicyStore:
         for t in (pool.k.view(-1, hd), pool.v.view(-1, hd), pool.pos.view(-1), pool.prot.view(-1),
                   pool.score.view(-1)):
             t[dst] = t[src]
-        self.hole = False
+        self.set_kept(self.kept)
 
     def extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
         """A chunk of T new tokens at positions length-T .. length-1: write them after the resident slots, attend
@@ -111,7 +118,7 @@ class PolicyStore:
             self.compact(chosen)
         else:
             pool.mark(idx, pos)
-            self.kept = n
+            self.set_kept(n)
         return out
 
     def resident_mask(self, length: int) -> torch.Tensor:

@@ -71,7 +71,9 @@ SPF = SPECIAL | PUNCT | FREQUENT
 # The forced map, cycled over each layer's KV heads: about what `auto` picks on SmolLM2 at T = 0.98 (several
 # policies per layer, roughly a third of the heads full), so every decode step runs four stores per layer.
 FORCED = (FULL, SPF | LOCAL, SPF, FULL, SPF | LOCAL, LOCAL | FREQUENT, SPF | LOCAL, SPECIAL | PUNCT)
-METHODS = ("full", "auto (forced map)", "local+frequent", "HF")
+# "+graphs": the decode step replayed as CUDA graphs (tinygen/graphs.py; the first step, which records the graph, is
+# not timed); "auto 0.70": the default budget profile
+METHODS = ("full", "full+graphs", "auto 0.70+graphs", "auto (forced map)", "local+frequent", "HF")
 
 
 def build(shape: dict, device: str, dtype: torch.dtype, seed: int = 0):
@@ -135,15 +137,24 @@ def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str, 
     base = torch.cuda.memory_allocated() if cuda else 0
     max_len = len(ids) + n_new + profile_steps + 1
     prompt = torch.tensor(ids, device=device)
-    feed, caches = None, None
+    feed, caches, fn = None, None, None
+    if method.endswith("+graphs"):
+        from tinygen.graphs import GraphStep
+
+        fn = GraphStep(model)
     sync(device)
     t0 = time.perf_counter()
     if method == "HF":
         out = hf(prompt[None], use_cache=True, logits_to_keep=1)
         past, token = out.past_key_values, out.logits[0, -1].argmax(-1, keepdim=True)
     else:
-        if method == "full":
+        if method.startswith("full"):
             caches = full_caches(model, max_len)
+        elif method.startswith("auto 0.70"):
+            kinds = TokenKinds(synthetic_kinds(model.cfg.vocab_size), max_len, torch.device(device))
+            caches = fastgen_caches(model, kinds, FastGenConfig(kv_budget=0.7), max_len)
+            feed = kinds.append
+            feed(ids)
         else:
             kinds = TokenKinds(synthetic_kinds(model.cfg.vocab_size), max_len, torch.device(device))
             caches = (forced_caches(model, kinds, max_len) if method.startswith("auto") else
@@ -161,18 +172,22 @@ def run_method(method: str, hf, model, ids: list[int], n_new: int, device: str, 
             out = hf(token[None], past_key_values=past, use_cache=True)
             past, token = out.past_key_values, out.logits[0, -1].argmax(-1, keepdim=True)
         else:
-            token = decode_step(model, token, caches, len(ids) + i).argmax(-1, keepdim=True)
+            token = decode_step(model, token, caches, len(ids) + i, fn).argmax(-1, keepdim=True)
         int(token)  # the step's host sync
 
     past = past if method == "HF" else None
+    first = 0
+    if fn is not None:  # the step that records the graph, untimed
+        step(0)
+        first = 1
     t0 = time.perf_counter()
-    for i in range(n_new):
+    for i in range(first, n_new):
         step(i)
     decode_s = time.perf_counter() - t0
     step_profile = profile_decode(lambda j: step(n_new + j), profile_steps, cuda) if profile_steps else None
     c = model.cfg
     length = len(ids) + n_new
-    r = dict(method=method, prompt_tokens=len(ids), new_tokens=n_new, prefill_s=prefill_s, decode_tps=n_new / decode_s,
+    r = dict(method=method, prompt_tokens=len(ids), new_tokens=n_new, prefill_s=prefill_s, decode_tps=(n_new - first) / decode_s,
              kv_full=full_kv_bytes(c.n_layers, c.n_kv_heads, c.head_dim, length, model.embed.weight.dtype),
              peak_bytes=(torch.cuda.max_memory_allocated() - base) if cuda else None)
     if method == "HF":

@@ -15,8 +15,8 @@ mkdir -p bench/results
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda); assert torch.cuda.is_available(), 'no CUDA GPU'" || exit 1
 
-echo "== tests: -k 'cuda or triton or kernel_path' =="
-timeout 180 $PY -m pytest -q -k "cuda or triton or kernel_path" tests 2>&1 | tee bench/results/gpu_check_tests.log
+echo "== tests: -k 'cuda or triton or kernel_path or graphs' =="
+timeout 180 $PY -m pytest -q -k "cuda or triton or kernel_path or graphs" tests 2>&1 | tee bench/results/gpu_check_tests.log
 tests_rc=${PIPESTATUS[0]}
 
 echo "== bench/bench_gpu.py =="

@@ -9,7 +9,8 @@ Method (also written beside the results):
   into tinygen; the HF copy is then freed). No checkpoint, no tokenizer: prompts are random token ids (3 and up), and
   the runner gets a stand-in tokenizer with no EOS ids (EOS is ignored anyway), ids 0-2 special and every 23rd id
   punctuation (bench_gpu's convention; the budget profile protects no kinds, so they do not matter for `auto`).
-- Each row runs B prompts of L tokens through `BatchRunner` with batch B and no cap: each prompt is prefilled alone
+- Each row runs B prompts of L tokens through `BatchRunner` (on CUDA its step replayed as CUDA graphs, the default:
+  the first step of each batch size records its graph inside the timed decode) with batch B and no cap: each prompt is prefilled alone
   (auto: profiling and the budget planner included), then all B decode together, --new-tokens forced steps each,
   greedy. Decode tok/s = tokens out of decode steps, all sequences, over the decode steps' wall time (each step ends
   in the host reading the sampled ids, so the GPU has finished it). Prefill s: all B prefills together.
@@ -117,7 +118,8 @@ def run_once(model, tok, cfg, prompts, batch, new, cap, deadline, device) -> dic
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if cuda else 0
     kept = []
-    runner = TimedRunner(model, tok, cfg, SamplingParams(), new, batch, cap, ignore_eos=True, deadline=deadline)
+    runner = TimedRunner(model, tok, cfg, SamplingParams(), new, batch, cap, ignore_eos=True, deadline=deadline,
+                         cuda_graphs=torch.device(device).type == "cuda")
     s = runner.run(list(enumerate(prompts)), lambda seq: kept.append(seq.kept_fraction))
     return dict(decode_tps=s.decode_tokens_per_second, decode_s=s.decode_seconds, decode_tokens=s.decode_tokens,
                 prefill_s=s.prefill_seconds, seconds=s.seconds, running=s.max_running, peak_kv=s.peak_kv_bytes,

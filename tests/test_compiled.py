@@ -184,3 +184,31 @@ def test_cli_compile_generates(chat_model, tmp_path):
     assert "decode step compiled in" in r.stderr
     eager = cli(*args)
     assert eager.returncode == 0 and eager.stdout == r.stdout
+
+
+def test_a_compiled_chat_answers_as_the_eager_one(tmp_path, default_model_dir):
+    """--chat --compile: two turns with the budget profile (the second a chunk after the first's answer and its
+    evictions), the same answers as the eager chat, with one graph."""
+    from conftest import save_tiny_chat_model
+
+    from tinygen.chat import ChatSession
+    from tinygen.sampling import SamplingParams
+    from tinygen.tokenizer import Tokenizer
+
+    path = save_tiny_chat_model(tmp_path / "chat", default_model_dir, 256)
+    tok = Tokenizer(path, [2])
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    out = []
+    for decode in (None, CompiledStep(load_model(path, prepack=False)).decoder):
+        model = decode.__self__.model if decode else load_model(path)
+        session = ChatSession(model, tok, FastGenConfig(kv_budget=0.5), SamplingParams(), 40, ignore_eos=True,
+                              decode=decode)
+        texts = []
+        for text in ("Name three rivers.", "And three mountains?"):
+            pieces = []
+            session.turn(text, pieces.append)
+            texts.append("".join(pieces))
+        out.append((texts, session.seen))
+    assert out[0] == out[1]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

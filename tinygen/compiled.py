@@ -57,14 +57,16 @@ class CompiledStep:
             return steps.decode(model, pool, kinds, x, evicting, scored, kernel)
         freezing = nullcontext()
         if self.compiled:
-            mark = torch._dynamo.mark_dynamic
-            if x.tokens.shape[0] > 1:  # one graph for every batch size from 2
-                for t in (x.tokens, x.positions, x.slots):
-                    mark(t, 0)
-            mark(x.blocks, 0)  # for every length (at least 2 blocks: PagedBatch.begin)
-            for t in pool[:5]:
-                mark(t, 0)  # for every pool size
-                if self.mode == "reduce-overhead":  # a graph reads them in place (a growth re-records it)
+            mark = torch._dynamo.maybe_mark_dynamic  # (a size of 1 stays specialised)
+            for t in (x.tokens, x.positions, x.slots, x.blocks):
+                mark(t, 0)  # one graph for every batch size from 2, every length (at least 2 blocks)
+            for t in (*pool, *kinds):
+                mark(t, 0)  # every pool: its blocks, its rows, its batch slots
+            for t in (pool.tables, pool.bitmap, kinds.by_position):
+                mark(t, 1)  # every context
+            mark(kinds.prefix, 2)
+            if self.mode == "reduce-overhead":  # a graph reads the pool in place (a growth re-records it)
+                for t in pool[:5]:
                     torch._dynamo.mark_static_address(t)
             from torch._inductor import config  # the weights become constants of the graph, packed for oneDNN;
 

@@ -163,6 +163,8 @@ class PagedBatch:
         nb = min(pool.tables.shape[1], max(2, -(-most // pool.block_size)))  # 2 at least: a size of 1 specialises
         if not isinstance(tokens, torch.Tensor):  # ids the host read (a batch's): (B,)
             tokens = host_to_device(torch.tensor(tokens), dev)
+        elif torch.is_inference_mode_enabled() and not tokens.is_inference():  # as sampled ids are: a compiled
+            tokens = tokens.clone()  # step's guards tell the two kinds of tensor apart
         x = steps.StepInputs(tokens, host_to_device(torch.tensor(positions), dev),
                              self.slots, torch.arange(nb, device=dev))
         return x, evicting, scored

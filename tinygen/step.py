@@ -126,6 +126,29 @@ def keep_rank(pos, prot, score, win_start, length, frequent) -> torch.Tensor:
     return key.masked_fill(prot | (pos >= win_start), float("inf"))
 
 
+def _attend_gathered(q, keys, values, beyond, scored: bool):
+    """q (P, groups, head_dim) over keys, values (P, R, head_dim), slots `beyond` (P, R) masked -> out (P, groups,
+    head_dim) and, where scored, the probabilities (P, groups, R) float32. On the CPU through torch's fused attention,
+    which returns the log-sum-exp the probabilities are recomputed from (no sum over R in the step's own code: compiled,
+    Inductor would guard on R > 4096 there and compile twice); elsewhere one masked matmul-softmax-matmul."""
+    P, groups, head_dim = q.shape
+    scale = head_dim**-0.5
+    bias = torch.zeros(beyond.shape, dtype=q.dtype, device=q.device).masked_fill(beyond, float("-inf"))  # (P, R)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[:, None], keys[:, None].to(q.dtype), values[:, None].to(q.dtype), attn_mask=bias[:, None, None],
+            scale=scale)  # (P, 1, groups, head_dim), (P, 1, groups)
+        probs = None
+        if scored:
+            scores = (q.float() * scale) @ keys.float().transpose(1, 2) + bias[:, None].float()  # (P, groups, R)
+            probs = torch.exp(scores - lse[:, 0, :, None])
+        return out[:, 0], probs
+    dt = compute_dtype(keys)
+    scores = (q.to(dt) * scale) @ keys.to(dt).transpose(1, 2) + bias[:, None].to(dt)  # (P, groups, R)
+    probs = torch.softmax(scores.float(), dim=-1)
+    return (probs.to(dt) @ values.to(dt)).to(q.dtype), probs
+
+
 def attend(pool: PoolState, p: Plan, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            evicting: bool, scored: bool, kernel: bool = False) -> torch.Tensor:
     """Layer i of the step for every row: q (P, groups, head_dim), k, v (P, head_dim) -> (P, groups, head_dim).
@@ -134,43 +157,40 @@ def attend(pool: PoolState, p: Plan, i: int, q: torch.Tensor, k: torch.Tensor, v
     bs = pool.k.shape[1]
     rows, blocks, n_rows, at, new_pos = p.rows[i], p.blocks[i], p.n_rows[i], p.at[i], p.new_pos[i]
 
-    # 1. The new token into each row's slot `kept`, or the slot its last eviction freed.
-    slot = blocks.gather(1, (at // bs)[:, None])[:, 0] * bs + at % bs  # (P,) flat slot ids
-    pool.k.view(-1, head_dim).index_copy_(0, slot, k.to(pool.k.dtype))
-    pool.v.view(-1, head_dim).index_copy_(0, slot, v.to(pool.v.dtype))
-    pool.pos.view(-1).index_copy_(0, slot, new_pos.to(torch.int32))
-    pool.prot.view(-1).index_copy_(0, slot, p.protected[i])
-    pool.score.view(-1).index_fill_(0, slot, 0.0)
+    # 1. The new token into each row's slot `kept`, or the slot its last eviction freed. Writes index the pool's
+    # tensors themselves (not a flattened view): a compiler then updates them in place instead of copying them.
+    at_block, at_off = blocks.gather(1, (at // bs)[:, None])[:, 0], at % bs  # (P,) block id and offset
+    pool.k.index_put_((at_block, at_off), k.to(pool.k.dtype))
+    pool.v.index_put_((at_block, at_off), v.to(pool.v.dtype))
+    pool.pos.index_put_((at_block, at_off), new_pos.to(torch.int32))
+    pool.prot.index_put_((at_block, at_off), p.protected[i])
+    pool.score.index_put_((at_block, at_off), torch.zeros_like(at_off, dtype=torch.float32))
 
     # 2. Attention over each row's slots [0, kept + 1), the rest masked; the scores.
-    slots = (blocks[:, :, None] * bs + torch.arange(bs, device=q.device)).flatten(1)  # (P, R): R = nb * block_size
-    beyond = torch.arange(slots.shape[1], device=q.device) >= n_rows[:, None]  # (P, R): past each row
+    R = blocks.shape[1] * bs  # the slots of nb blocks
+    beyond = torch.arange(R, device=q.device) >= n_rows[:, None]  # (P, R): past each row
     if kernel:  # CUDA: the Triton kernel reads the blocks in place (kernels/paged_attention.py)
         from .kernels.paged_attention import paged_add_scores, paged_decode
 
         tables, lengths = blocks.to(torch.int32), n_rows.to(torch.int32)
-        out, lse = paged_decode(q, pool.k, pool.v, tables, lengths, slots.shape[1])
+        out, lse = paged_decode(q, pool.k, pool.v, tables, lengths, R)
         if scored:
-            paged_add_scores(q, pool.k, tables, lengths, lse, pool.score, slots.shape[1])
-    else:  # the reference: gather the blocks (a copy), one masked matmul-softmax-matmul
+            paged_add_scores(q, pool.k, tables, lengths, lse, pool.score, R)
+    else:  # gather the blocks (a copy, padded to the longest row), then one attention call for the batch
         flat = blocks.flatten()
         keys = pool.k.index_select(0, flat).view(P, -1, head_dim)  # (P, R, head_dim)
         values = pool.v.index_select(0, flat).view(P, -1, head_dim)
-        dt = compute_dtype(keys)
-        scores = (q.to(dt) * head_dim**-0.5) @ keys.to(dt).transpose(1, 2)  # (P, groups, R)
-        scores = scores.masked_fill(beyond[:, None], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1)
-        out = (probs.to(dt) @ values.to(dt)).to(q.dtype)  # (P, groups, head_dim)
-        if scored:  # padded slots get 0 (their probability): the null block's, or a row's own unused slots
-            pool.score.view(-1).index_add_(0, slots.flatten(), probs.mean(dim=1).flatten())
+        out, probs = _attend_gathered(q, keys, values, beyond, scored)
+        if scored:  # whole blocks at once; padded slots get 0 (their probability): the null block's, or a row's own
+            pool.score.index_add_(0, flat, probs.mean(dim=1).view(-1, bs))  # unused slots
 
     # 3. Keep the new token (its bit) or, where the budget says so, evict one token per row.
     byte = new_pos // 8
     pool.bitmap[rows, byte] = pool.bitmap[rows, byte] | ((1 << new_pos % 8) * p.keep[i]).to(torch.uint8)
-    if evicting:
-        pos = pool.pos.view(-1)[slots]  # (P, R)
-        key = keep_rank(pos, pool.prot.view(-1)[slots], pool.score.view(-1)[slots], p.win_start[i][:, None],
-                        p.length[i][:, None], p.frequent[i][:, None])
+    if evicting:  # the slots' position, flag and score, read a whole block at a time
+        flat = blocks.flatten()
+        pos, prot, score = (t.index_select(0, flat).view(P, -1) for t in (pool.pos, pool.prot, pool.score))  # (P, R)
+        key = keep_rank(pos, prot, score, p.win_start[i][:, None], p.length[i][:, None], p.frequent[i][:, None])
         victim = key.masked_fill(beyond, float("inf")).argmin(dim=1)  # (P,) logical slots
         gone = pos.gather(1, victim[:, None])[:, 0].long().clamp(min=0)
         evicts, byte = p.evict[i], gone // 8

@@ -128,21 +128,23 @@ def keep_rank(pos, prot, score, win_start, length, frequent) -> torch.Tensor:
 
 def _attend_gathered(q, keys, values, beyond, scored: bool):
     """q (P, groups, head_dim) over keys, values (P, R, head_dim), slots `beyond` (P, R) masked -> out (P, groups,
-    head_dim) and, where scored, the probabilities (P, groups, R) float32. On the CPU through torch's fused attention,
-    which returns the log-sum-exp the probabilities are recomputed from (no sum over R in the step's own code: compiled,
-    Inductor would guard on R > 4096 there and compile twice); elsewhere one masked matmul-softmax-matmul."""
+    head_dim) and, where scored, the probabilities (P, groups, R) float32. On the CPU: torch's fused attention where no
+    probabilities are needed, else two products with the softmax's sum over R as a product too (a sum in the step's
+    own code would make Inductor guard on R > 4096, where its C++ sums accumulate differently, and compile twice);
+    elsewhere one masked matmul-softmax-matmul."""
     P, groups, head_dim = q.shape
     scale = head_dim**-0.5
     bias = torch.zeros(beyond.shape, dtype=q.dtype, device=q.device).masked_fill(beyond, float("-inf"))  # (P, R)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    if q.device.type == "cpu" and not scored:
+        out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[:, None], keys[:, None].to(q.dtype), values[:, None].to(q.dtype), attn_mask=bias[:, None, None],
-            scale=scale)  # (P, 1, groups, head_dim), (P, 1, groups)
-        probs = None
-        if scored:
-            scores = (q.float() * scale) @ keys.float().transpose(1, 2) + bias[:, None].float()  # (P, groups, R)
-            probs = torch.exp(scores - lse[:, 0, :, None])
-        return out[:, 0], probs
+            scale=scale)  # (P, 1, groups, head_dim)
+        return out[:, 0], None
+    if q.device.type == "cpu":  # the probabilities are needed: two products, the softmax's sum a product too
+        scores = (q.float() * scale) @ keys.float().transpose(1, 2) + bias[:, None].float()  # (P, groups, R)
+        e = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+        probs = e / (e @ torch.ones(e.shape[-1], 1, device=e.device))  # (P, groups, R)
+        return (probs @ values.float()).to(q.dtype), probs
     dt = compute_dtype(keys)
     scores = (q.to(dt) * scale) @ keys.to(dt).transpose(1, 2) + bias[:, None].to(dt)  # (P, groups, R)
     probs = torch.softmax(scores.float(), dim=-1)

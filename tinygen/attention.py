@@ -1,6 +1,6 @@
-"""Attention in plain PyTorch: a dense reference that returns probabilities, the grouped decode step (the compiled
-step's and the eval baselines'), block-wise causal attention for prefills and chunks; and which path each device
-takes (`attention_paths`)."""
+"""Attention in plain PyTorch: a dense reference that returns probabilities, a grouped decode step over contiguous
+buffers (the eval's baselines), block-wise causal attention for prefills and chunks; and which path each device
+takes (`attention_paths`). The paged decode step's attention is in step.py."""
 from __future__ import annotations
 
 import torch
@@ -30,20 +30,15 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return (probs @ v).to(q.dtype), probs
 
 
-def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             visible: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per head against all keys, GQA without repeating K/V.
 
     q: (n_kv_heads * groups, 1, head_dim), k/v: (n_kv_heads, L, head_dim) -> (n_kv_heads * groups, 1, head_dim).
-    visible: (L,) bool, the keys to attend to (default all): buffers longer than what they hold. A hidden row gets
-    probability 0 but its value is still multiplied by it, so it must be finite (the pool zeroes a block it hands out).
     """
     n_kv_heads, _, head_dim = k.shape
     dt = compute_dtype(k)
     qg = q.reshape(n_kv_heads, -1, head_dim).to(dt)  # (n_kv_heads, groups, head_dim)
     scores = (qg * scale) @ k.to(dt).transpose(1, 2)  # (n_kv_heads, groups, L)
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(dt)
     return (probs @ v.to(dt)).to(q.dtype).view(q.shape)
 

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import torch
 
 from . import step as steps
+from .errors import first_line
 from .generate import decode_step, prefill
 from .model import Llama
 from .quant import MkldnnLinear, cpu_layout
@@ -77,7 +78,7 @@ class CompiledStep:
         except Exception as e:
             if not (self.compiled and self.first):
                 raise
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = first_line(e)
             print(f"tinygen: --compile: torch.compile failed ({type(e).__name__}: {reason[:200]}); decoding without "
                   "it", file=sys.stderr)
             cpu_layout(model, 1)  # the layout eager decoding reads fastest

@@ -23,6 +23,7 @@ import sys
 import torch
 
 from . import step as steps
+from .errors import first_line
 from .fastgen.policy import FULL
 from .generate import decode_step
 
@@ -93,7 +94,7 @@ class GraphStep:
             except Exception as e:
                 if not self.capture:
                     raise
-                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                reason = first_line(e)
                 print(f"tinygen: CUDA graph capture failed ({type(e).__name__}: {reason[:200]}); decoding without "
                       "graphs", file=sys.stderr)
                 self.failed = True

@@ -179,10 +179,6 @@ class KVPool:
         bs = self.block_size
         return (blocks[:, :, None] * bs + torch.arange(bs, device=blocks.device)).flatten(1)
 
-    def slot_ids(self, rows: torch.Tensor, n_slots: int) -> torch.Tensor:
-        """Flat ids of logical slots [0, n_slots) of each row, rounded up to whole blocks (R): rows (P,) -> (P, R)."""
-        return self._slot_ids(self._blocks(rows, n_slots))
-
     def gather(self, rows: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, ...]:
         """K and V of the blocks holding logical slots [0, n_slots) of each row, read through the block tables (a
         copy, padded to whole blocks: R = n_slots rounded up to block_size), and the flat ids of those slots:
@@ -193,13 +189,6 @@ class KVPool:
         k = self.k.index_select(0, flat).view(P, R, self.head_dim)
         v = self.v.index_select(0, flat).view(P, R, self.head_dim)
         return k, v, self._slot_ids(blocks)
-
-    def set_bits(self, rows: torch.Tensor, positions: torch.Tensor, on: torch.Tensor | None = None) -> None:
-        """Set (or, where `on` is False, clear) the bit of positions (P,) in rows (P,)."""
-        byte, bit = positions // 8, (1 << (positions % 8)).to(torch.uint8)
-        cur = self.bitmap[rows, byte]
-        new = cur | bit if on is None else torch.where(on, cur | bit, cur & ~bit)
-        self.bitmap[rows, byte] = new
 
     def mark(self, rows: torch.Tensor, positions: torch.Tensor, replace: bool = False) -> None:
         """Set the bits of positions (P, n) in rows (P,), several per byte at once (a packed mask ORed in); replace:

@@ -97,6 +97,7 @@ class PagedBatch:
         self.members: list = []
         self.slots: torch.Tensor | None = None  # (B,) the members' batch slots
         self.plan: steps.Plan | None = None  # the step begun (begin), for attend_layer
+        self.block_range = torch.arange(pool.tables.shape[1], device=dev)  # a step reads the first nb: a view
 
     def row(self, slot: int, layer: int, kv_head: int) -> int:
         return (slot * self.n_layers + layer) * self.n_kv_heads + kv_head
@@ -166,7 +167,7 @@ class PagedBatch:
         elif torch.is_inference_mode_enabled() and not tokens.is_inference():  # as sampled ids are: a compiled
             tokens = tokens.clone()  # step's guards tell the two kinds of tensor apart
         x = steps.StepInputs(tokens, host_to_device(torch.tensor(positions), dev),
-                             self.slots, torch.arange(nb, device=dev))
+                             self.slots, self.block_range[:nb])
         return x, evicting, scored
 
     def state(self, vocab_size: int) -> tuple[steps.PoolState, steps.KindState]:
